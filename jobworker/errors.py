@@ -1,0 +1,133 @@
+"""The one exception tree of jobworker.
+
+Every error that a caller can see is a :class:`JobworkerError`. Each class knows the gRPC
+status it travels as; the server maps errors to statuses in one place
+(``jobworker.server.errors``) and the client maps them back (``jobworker.client``)::
+
+    JobworkerError                      INTERNAL
+    +-- InvalidArgument                 INVALID_ARGUMENT
+    |   +-- InvalidJobId
+    |   +-- InvalidCommand
+    |   +-- InvalidLimits
+    |   +-- InvalidOffset
+    +-- NotFound                        NOT_FOUND
+    |   +-- JobNotFound
+    +-- FailedPrecondition              FAILED_PRECONDITION
+    |   +-- LimitNotEnforceable
+    +-- PermissionDenied                PERMISSION_DENIED
+    +-- Unauthenticated                 UNAUTHENTICATED
+    +-- Unavailable                     UNAVAILABLE
+    |   +-- WorkerClosed
+    +-- CgroupError                     INTERNAL
+    +-- ConfigError                     (start-up only, never sent)
+
+Messages are written for the person who made the request: they say what was wrong and what
+is accepted, and never carry server internals such as file paths of other jobs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from grpclib.const import Status
+
+__all__ = [
+    "CgroupError",
+    "ConfigError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "InvalidCommand",
+    "InvalidJobId",
+    "InvalidLimits",
+    "InvalidOffset",
+    "JobNotFound",
+    "JobworkerError",
+    "LimitNotEnforceable",
+    "NotFound",
+    "PermissionDenied",
+    "Unauthenticated",
+    "Unavailable",
+    "WorkerClosed",
+]
+
+
+class JobworkerError(Exception):
+    """Base of every error jobworker reports."""
+
+    grpc_status: ClassVar[Status] = Status.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(JobworkerError):
+    """The request itself is malformed; nothing was changed."""
+
+    grpc_status = Status.INVALID_ARGUMENT
+
+
+class InvalidJobId(InvalidArgument):
+    """A job id that is not a canonical UUID."""
+
+
+class InvalidCommand(InvalidArgument):
+    """An empty program, NUL bytes, or a program that cannot be executed."""
+
+
+class InvalidLimits(InvalidArgument):
+    """A resource limit outside its accepted range."""
+
+
+class InvalidOffset(InvalidArgument):
+    """An output offset that is negative or past the end of a finished job's output."""
+
+
+class NotFound(JobworkerError):
+    """The named thing does not exist (or is not visible to the caller)."""
+
+    grpc_status = Status.NOT_FOUND
+
+
+class JobNotFound(NotFound):
+    """No job with this id is visible to the caller."""
+
+
+class FailedPrecondition(JobworkerError):
+    """The request is valid, but this host cannot carry it out as asked."""
+
+    grpc_status = Status.FAILED_PRECONDITION
+
+
+class LimitNotEnforceable(FailedPrecondition):
+    """A limit was asked for explicitly but its cgroup controller is not available."""
+
+
+class PermissionDenied(JobworkerError):
+    """The caller's role does not allow this call."""
+
+    grpc_status = Status.PERMISSION_DENIED
+
+
+class Unauthenticated(JobworkerError):
+    """The caller presented no usable identity."""
+
+    grpc_status = Status.UNAUTHENTICATED
+
+
+class Unavailable(JobworkerError):
+    """The service cannot take the call now; it may succeed later or elsewhere."""
+
+    grpc_status = Status.UNAVAILABLE
+
+
+class WorkerClosed(Unavailable):
+    """The worker is shutting down and takes no new work."""
+
+
+class CgroupError(JobworkerError):
+    """The cgroup hierarchy did not behave as expected (a server-side fault)."""
+
+
+class ConfigError(JobworkerError):
+    """The configuration cannot work on this host; raised at start-up."""
