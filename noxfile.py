@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -47,33 +48,54 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict", "jobworker")
 
 
+# Everything that shapes the generated text, pinned so that `proto` gives the same answer on
+# every machine: the compiler pipes its output through whatever `ruff` is installed (`ruff check
+# --fix` and `ruff format`, configured by this project's pyproject.toml), and the well-known
+# types (google/protobuf/timestamp.proto, comments included) come from grpcio-tools.
+CODEGEN_PINS = ["ruff==0.17.6", "grpcio-tools==1.85.1"]
+
+
 def _generate(session: nox.Session, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Generate the code for every proto under protos/ into ``out``, replacing what was there.
+
+    protoc runs from an empty scratch directory: the compiler decides which package folders
+    need an ``__init__.py`` by looking at paths relative to the working directory, so from
+    the repository root it would see our own ``jobworker/__init__.py`` and leave
+    ``_proto/jobworker/`` without one (a namespace package that setuptools does not ship).
+    The scratch directory lies inside the repository, so the compiler's ruff still finds
+    pyproject.toml.
+    """
+    out = out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    scratch = Path(session.create_tmp()).resolve() / "protoc-cwd"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     protos = sorted(str(p.relative_to(ROOT / "protos")) for p in (ROOT / "protos").rglob("*.proto"))
-    session.run(
-        "python",
-        "-m",
-        "grpc_tools.protoc",
-        "-I",
-        "protos",
-        f"--python_betterproto2_out={out}",
-        "--python_betterproto2_opt=client_generation=async,server_generation=async",
-        *protos,
-    )
+    with session.chdir(scratch):
+        session.run(
+            "python",
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(ROOT / "protos"),
+            f"--python_betterproto2_out={out}",
+            "--python_betterproto2_opt=client_generation=async,server_generation=async",
+            *protos,
+        )
 
 
 @nox.session(python="3.11")
 def codegen(session: nox.Session) -> None:
     """Regenerate the protobuf code under jobworker/_proto from protos/."""
-    session.install("-e", ".[codegen]")
+    session.install("-e", ".[codegen]", *CODEGEN_PINS)
     _generate(session, ROOT / PROTO_OUT)
 
 
 @nox.session(python="3.11")
 def proto(session: nox.Session) -> None:
     """Fail if the committed generated code differs from what protos/ generates."""
-    session.install("-e", ".[codegen]")
+    session.install("-e", ".[codegen]", *CODEGEN_PINS)
     tmp = Path(session.create_tmp()) / "generated"
-    session.run("rm", "-rf", str(tmp), external=True)
     _generate(session, tmp)
     session.run("diff", "-r", "-x", "__pycache__", str(tmp), PROTO_OUT, external=True)
