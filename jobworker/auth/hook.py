@@ -1,0 +1,108 @@
+"""The server's authorization hook: identity and policy applied before any handler runs.
+
+:func:`install_auth` registers a grpclib ``RecvRequest`` listener. For every call it
+
+1. reads the peer's DER certificate from the TLS connection (:func:`peer_certificate_der`),
+2. builds the caller's :class:`~jobworker.auth.identity.Identity`,
+3. checks :func:`~jobworker.auth.policy.authorize_path` for the call's path,
+4. stores the identity in a context variable that the handler reads with
+   :func:`current_identity` (the hook runs in the handler's own task).
+
+A refusal raises ``GRPCError(UNAUTHENTICATED or PERMISSION_DENIED, reason)``, so grpclib
+answers the call without running the handler, and logs one audit line.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Protocol
+
+from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import Peer
+from grpclib.server import Server
+
+from jobworker.auth.audit import audit
+from jobworker.auth.identity import Identity, common_name, identity_from_der, load_peer_certificate
+from jobworker.auth.policy import WORKER_SERVICE, authorize_path, split_path
+from jobworker.errors import PermissionDenied, Unauthenticated
+
+__all__ = ["current_identity", "install_auth", "peer_certificate_der", "use_identity"]
+
+_current: ContextVar[Identity | None] = ContextVar("jobworker_identity", default=None)
+
+
+class HasPeer(Protocol):
+    """Anything that knows its connection's peer: a server stream or a RecvRequest event."""
+
+    @property
+    def peer(self) -> Peer: ...
+
+
+def peer_certificate_der(stream: HasPeer) -> bytes | None:
+    """The DER certificate the TLS peer presented, or None when there is none.
+
+    grpclib's :class:`~grpclib.protocol.Peer` exposes only ``getpeercert()``'s dict, which
+    lacks extensions, so this reads the transport it keeps in the private ``_transport``
+    attribute. This is the only place that touches grpclib internals; if they change, it
+    returns None and callers are refused (fail closed).
+    """
+    transport = getattr(stream.peer, "_transport", None)
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if not isinstance(ssl_object, ssl.SSLObject):
+        return None
+    return ssl_object.getpeercert(binary_form=True)
+
+
+def current_identity() -> Identity:
+    """The identity of the caller whose handler is running, or raise Unauthenticated."""
+    identity = _current.get()
+    if identity is None:
+        raise Unauthenticated("no authenticated caller in this context")
+    return identity
+
+
+@contextmanager
+def use_identity(identity: Identity) -> Iterator[Identity]:
+    """Make ``identity`` the current caller inside the ``with`` block (for in-process use)."""
+    token = _current.set(identity)
+    try:
+        yield identity
+    finally:
+        _current.reset(token)
+
+
+def _who(der: bytes | None) -> str | None:
+    """Best-effort name for an audit line about a caller that was refused."""
+    try:
+        return common_name(load_peer_certificate(der))
+    except Unauthenticated:
+        return None
+
+
+async def _on_request(event: RecvRequest) -> None:
+    path = event.method_name
+    service, method = split_path(path)
+    rpc = method if service == WORKER_SERVICE else path
+    der = peer_certificate_der(event)
+    identity: Identity | None = None
+    try:
+        if der is None:
+            raise Unauthenticated("no client certificate was presented")
+        identity = identity_from_der(der)
+        authorize_path(identity, path)
+    except (Unauthenticated, PermissionDenied) as exc:
+        who = identity if identity is not None else _who(der)
+        audit(who, rpc, None, exc.grpc_status, detail=exc.message)
+        raise GRPCError(exc.grpc_status, exc.message) from None
+    _current.set(identity)
+
+
+def install_auth(server: Server) -> None:
+    """Authenticate and authorize every call ``server`` receives, before its handler runs."""
+    listen(server, RecvRequest, _on_request)
