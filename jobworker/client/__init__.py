@@ -1,0 +1,1 @@
+"""The async client library for the jobworker gRPC API."""

@@ -1,0 +1,1 @@
+"""The gRPC server: TLS, the Worker service, error mapping and its lifecycle."""
