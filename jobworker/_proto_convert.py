@@ -1,0 +1,212 @@
+"""The one mapping between the wire messages (``jobworker.v1``) and the library's models.
+
+The server turns requests into models and models into responses; the client library does
+the reverse. Both use these functions and nothing else touches a generated message field,
+so the two ends cannot drift apart. The module sits at the package top level, beside the
+generated code, because the server and the client both need it and neither may import the
+other.
+
+Round trips are exact:
+
+* ``None`` and ``0`` stay apart: every optional model field is a proto3 ``optional`` field,
+  so an unset limit, exit code, signal or usage figure is absent on the wire, not zero.
+* Times are timezone-aware UTC datetimes at both ends (microsecond precision, which is all a
+  :class:`~datetime.datetime` holds); a naive datetime is refused rather than guessed at.
+* ``unenforced`` travels as a sorted list of limit names and comes back as a frozenset.
+
+What arrives from the other end is not trusted to be well formed: a status with an
+unspecified or unknown state, or without a start time, raises :class:`ProtocolError`
+instead of producing a half-valid model. Values are *not* range-checked here; that is the
+job of :meth:`JobSpec.validate <jobworker.worker.models.JobSpec.validate>`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+from jobworker._proto.jobworker import v1 as pb
+from jobworker.errors import JobworkerError
+from jobworker.worker.models import JobSpec, JobState, JobStatus, Limits, OutputChunk, Usage
+
+__all__ = [
+    "ProtocolError",
+    "chunk_from_proto",
+    "chunk_to_proto",
+    "limits_from_proto",
+    "limits_to_proto",
+    "spec_from_proto",
+    "spec_to_proto",
+    "state_from_proto",
+    "state_to_proto",
+    "status_from_proto",
+    "status_to_proto",
+    "usage_from_proto",
+    "usage_to_proto",
+]
+
+
+class ProtocolError(JobworkerError):
+    """A message from the other end that this version cannot make sense of.
+
+    For example a job state this version does not know (a newer peer) or a required field
+    that is missing. It travels as INTERNAL, like any other fault that is not the caller's.
+    """
+
+
+_STATE_TO_PROTO: Final[dict[JobState, pb.JobState]] = {
+    JobState.RUNNING: pb.JobState.RUNNING,
+    JobState.COMPLETED: pb.JobState.COMPLETED,
+    JobState.STOPPED: pb.JobState.STOPPED,
+    JobState.TERMINATED: pb.JobState.TERMINATED,
+}
+_STATE_FROM_PROTO: Final[dict[int, JobState]] = {
+    int(wire): model for model, wire in _STATE_TO_PROTO.items()
+}
+
+
+def state_to_proto(state: JobState) -> pb.JobState:
+    """The wire value of a job state (never ``JOB_STATE_UNSPECIFIED``)."""
+    return _STATE_TO_PROTO[state]
+
+
+def state_from_proto(state: pb.JobState | int) -> JobState:
+    """The job state for a wire value; :class:`ProtocolError` for an unspecified or unknown one.
+
+    betterproto2 does not reject enum values it does not know: it parses them into
+    pseudo-members (shown as ``JobState.~UNKNOWN``), so the check has to be made here.
+    """
+    value = int(state)
+    model = _STATE_FROM_PROTO.get(value)
+    if model is None:
+        names = pb.JobState.betterproto_value_to_renamed_proto_names()
+        known = ", ".join(f"{names[v]} ({v})" for v in sorted(_STATE_FROM_PROTO))
+        shown = f"{names[value]} ({value})" if value in names else f"unknown value {value}"
+        raise ProtocolError(f"job state {shown} is not a valid job state: expected {known}")
+    return model
+
+
+def limits_to_proto(limits: Limits) -> pb.Limits:
+    """The wire form of ``limits``; a ``None`` limit is left unset, not sent as zero."""
+    return pb.Limits(
+        memory_bytes=limits.memory_bytes,
+        cpu_millis=limits.cpu_millis,
+        pids=limits.pids,
+        io_read_bps=limits.io_read_bps,
+        io_write_bps=limits.io_write_bps,
+    )
+
+
+def limits_from_proto(limits: pb.Limits | None) -> Limits:
+    """The limits a message carries; an absent message or field is ``None`` (no limit).
+
+    A field that is present keeps its value, zero included, so that validation can refuse
+    it rather than have it silently mean "no limit".
+    """
+    if limits is None:
+        return Limits()
+    return Limits(
+        memory_bytes=limits.memory_bytes,
+        cpu_millis=limits.cpu_millis,
+        pids=limits.pids,
+        io_read_bps=limits.io_read_bps,
+        io_write_bps=limits.io_write_bps,
+    )
+
+
+def usage_to_proto(usage: Usage) -> pb.Usage:
+    """The wire form of ``usage``; a figure the host did not report is left unset."""
+    return pb.Usage(cpu_usec=usage.cpu_usec, memory_peak_bytes=usage.memory_peak_bytes)
+
+
+def usage_from_proto(usage: pb.Usage | None) -> Usage:
+    """The usage a message carries; an absent message or field is ``None`` (not reported)."""
+    if usage is None:
+        return Usage()
+    return Usage(cpu_usec=usage.cpu_usec, memory_peak_bytes=usage.memory_peak_bytes)
+
+
+def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
+    """The request that starts ``spec``. The owner is not sent: the server takes it from the
+    caller's certificate."""
+    return pb.StartJobRequest(
+        program=spec.program, args=list(spec.args), limits=limits_to_proto(spec.limits)
+    )
+
+
+def spec_from_proto(request: pb.StartJobRequest, owner: str) -> JobSpec:
+    """The job spec a start request asks for, on behalf of ``owner``. Not validated here."""
+    return JobSpec(
+        program=request.program,
+        args=tuple(request.args),
+        limits=limits_from_proto(request.limits),
+        owner=owner,
+    )
+
+
+def _aware(name: str, value: datetime) -> datetime:
+    # betterproto2 converts an aware datetime to UTC itself when it serializes the message;
+    # a naive one would only fail then, far from here, so it is refused now.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, not {value!r}")
+    return value
+
+
+def status_to_proto(status: JobStatus) -> pb.JobStatus:
+    """The wire form of a job's status.
+
+    Raises :class:`ValueError` for a naive ``started_at`` or ``ended_at``: the worker always
+    records aware UTC times, so a naive one is a bug that must not reach a client.
+    """
+    return pb.JobStatus(
+        id=status.id,
+        state=state_to_proto(status.state),
+        owner=status.owner,
+        program=status.program,
+        args=list(status.args),
+        pid=status.pid,
+        exit_code=status.exit_code,
+        signal=status.signal,
+        oom_killed=status.oom_killed,
+        started_at=_aware("started_at", status.started_at),
+        ended_at=None if status.ended_at is None else _aware("ended_at", status.ended_at),
+        limits=limits_to_proto(status.limits),
+        unenforced_limits=sorted(status.unenforced),
+        usage=usage_to_proto(status.usage),
+    )
+
+
+def status_from_proto(status: pb.JobStatus) -> JobStatus:
+    """The job status a message carries; :class:`ProtocolError` if it is not a valid one.
+
+    Times come back as timezone-aware UTC datetimes (betterproto2 builds them that way).
+    """
+    state = state_from_proto(status.state)
+    if status.started_at is None:
+        raise ProtocolError(f"status of job {status.id!r} has no started_at")
+    return JobStatus(
+        id=status.id,
+        state=state,
+        owner=status.owner,
+        program=status.program,
+        args=tuple(status.args),
+        pid=status.pid,
+        started_at=status.started_at,
+        ended_at=status.ended_at,
+        exit_code=status.exit_code,
+        signal=status.signal,
+        oom_killed=status.oom_killed,
+        limits=limits_from_proto(status.limits),
+        unenforced=frozenset(status.unenforced_limits),
+        usage=usage_from_proto(status.usage),
+    )
+
+
+def chunk_to_proto(chunk: OutputChunk) -> pb.OutputChunk:
+    """The wire form of a piece of output."""
+    return pb.OutputChunk(offset=chunk.offset, data=chunk.data)
+
+
+def chunk_from_proto(chunk: pb.OutputChunk) -> OutputChunk:
+    """The piece of output a message carries."""
+    return OutputChunk(offset=chunk.offset, data=chunk.data)
