@@ -266,7 +266,7 @@ default_message_pool.register_message("jobworker.v1", "ListJobsRequest", ListJob
 class ListJobsResponse(betterproto2.Message):
     jobs: "list[JobStatus]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
     """
-    Every job the caller may see.
+    Every job the caller may see, oldest first.
     """
 
 
@@ -360,8 +360,9 @@ class StreamJobOutputRequest(betterproto2.Message):
     offset: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
     """
     Byte offset in the job's output to start from; 0 (the default) is the beginning. An
-    offset past the end of an ended job's output is INVALID_ARGUMENT; past the current end
-    of a running job's output, the stream waits until output reaches it.
+    offset past the end of an ended job's output is INVALID_ARGUMENT. An offset past the
+    current end of a running job's output is accepted: the stream waits until the output
+    reaches it, and ends without a chunk if the job ends first.
     """
 
 
@@ -430,7 +431,8 @@ class WorkerStub(betterproto2_grpclib.ServiceStub):
     ) -> "StopJobResponse":
         """
         Stop a running job: SIGTERM to every process in its cgroup, then SIGKILL after the
-        server's grace period. Returns when the whole process tree is gone.
+        server's grace period. Returns when the whole process tree is gone. Stopping a job that
+        has already ended changes nothing and returns its final status.
         """
 
         return await self._unary_unary(
@@ -532,7 +534,8 @@ class WorkerBase(betterproto2_grpclib.ServiceBase):
     async def stop_job(self, message: "StopJobRequest") -> "StopJobResponse":
         """
         Stop a running job: SIGTERM to every process in its cgroup, then SIGKILL after the
-        server's grace period. Returns when the whole process tree is gone.
+        server's grace period. Returns when the whole process tree is gone. Stopping a job that
+        has already ended changes nothing and returns its final status.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
