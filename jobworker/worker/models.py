@@ -101,7 +101,9 @@ class Limits:
         for name, value in self.items().items():
             low, high = LIMIT_RANGES[name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidLimits(f"{name} must be an integer from {low} to {high}, not {value!r}")
+                raise InvalidLimits(
+                    f"{name} must be an integer from {low} to {high}, not {value!r}"
+                )
         return self
 
     def over(self, defaults: Limits) -> Limits:

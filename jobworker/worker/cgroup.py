@@ -1,0 +1,296 @@
+"""cgroup v2: finding the hierarchy, using a delegated subtree, and one cgroup per job.
+
+Layout under the subtree delegated to the worker (``ROOT``)::
+
+    ROOT/                 cgroup.subtree_control: +memory +cpu +io +pids (what ROOT offers)
+      server/             the worker's own process, when it started inside ROOT itself
+      jobs/               no processes; passes the controllers on
+        <job id>/         one job: its limits and every process it starts
+
+The worker writes only inside ROOT. When its own cgroup is ROOT it moves itself (and only
+itself) into ``server/``: cgroup v2 lets a cgroup hand controllers to its children only when it
+holds no processes itself. When the worker runs in the hierarchy's real root (no delegation),
+ROOT is ``<mount>/jobworker`` and the controllers are whatever the root already passes down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from jobworker.errors import CgroupError, ConfigError
+from jobworker.worker.models import Limits, Usage
+
+__all__ = [
+    "CONTROLLERS",
+    "CgroupTree",
+    "JobCgroup",
+    "block_device_of",
+    "find_cgroup2_mount",
+    "own_cgroup",
+]
+
+log = logging.getLogger(__name__)
+
+# The controllers jobworker uses, in the order it enables them.
+CONTROLLERS: Final = ("memory", "cpu", "io", "pids")
+CPU_PERIOD_USEC: Final = 100_000
+
+
+def find_cgroup2_mount(mountinfo: Path = Path("/proc/self/mountinfo")) -> Path:
+    """The mount point of the cgroup2 filesystem, from ``/proc/self/mountinfo``."""
+    for line in mountinfo.read_text().splitlines():
+        # "36 35 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw"
+        left, sep, right = line.partition(" - ")
+        if sep and right.split(" ", 1)[0] == "cgroup2":
+            return Path(_unescape_mount_path(left.split(" ")[4]))
+    raise ConfigError("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
+
+
+def _unescape_mount_path(text: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as three octal digits (\040 ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def own_cgroup(proc_cgroup: Path = Path("/proc/self/cgroup")) -> str:
+    """This process's cgroup v2 path (``/`` for the root), from ``/proc/self/cgroup``."""
+    for line in proc_cgroup.read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:].split(" ", 1)[0] or "/"
+    raise ConfigError(
+        "this process is not in a cgroup v2 hierarchy (no 0:: line in /proc/self/cgroup)"
+    )
+
+
+def block_device_of(path: Path) -> str | None:
+    """``MAJOR:MINOR`` of the whole disk holding ``path``, or None if it is not on one.
+
+    io.max takes whole disks, so a partition is mapped to the disk that contains it.
+    """
+    dev = os.stat(path).st_dev
+    node = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not node.exists():
+        return None
+    if (node / "partition").exists():
+        return (node.resolve().parent / "dev").read_text().strip()
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def _write(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    """Parse a flat keyed file such as cgroup.events or cpu.stat."""
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+@dataclass(frozen=True)
+class JobCgroup:
+    """The cgroup of one job. Its processes join it before the job's program runs."""
+
+    path: Path
+
+    @property
+    def procs_file(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "cgroup.events"
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(p) for p in self.procs_file.read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def populated(self) -> bool:
+        try:
+            return _read_keyed(self.events_file).get("populated", 0) == 1
+        except FileNotFoundError:
+            return False
+
+    def signal_all(self, signum: signal.Signals) -> None:
+        """Send ``signum`` to every process in the cgroup (one that just exited is skipped)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup and its descendants, atomically (cgroup.kill)."""
+        with contextlib.suppress(FileNotFoundError):
+            _write(self.path / "cgroup.kill", "1")
+
+    def usage(self) -> Usage:
+        cpu = _read_optional(self.path / "cpu.stat")
+        peak = _read_optional_int(self.path / "memory.peak")
+        return Usage(cpu_usec=cpu.get("usage_usec") if cpu else None, memory_peak_bytes=peak)
+
+    def oom_killed(self) -> bool:
+        events = _read_optional(self.path / "memory.events")
+        return bool(events and events.get("oom_kill", 0) > 0)
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroup and any child cgroups its processes created."""
+        for sub in sorted(
+            (p for p in self.path.rglob("*") if p.is_dir()),
+            key=lambda p: len(p.parts),
+            reverse=True,
+        ):
+            _rmdir(sub)
+        _rmdir(self.path)
+
+
+def _read_optional(path: Path) -> dict[str, int] | None:
+    try:
+        return _read_keyed(path)
+    except FileNotFoundError:
+        return None
+
+
+def _read_optional_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
+
+
+class CgroupTree:
+    """The cgroup subtree delegated to one worker, and the job cgroups inside it."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self._requested_root = root
+        self.root = Path()
+        self.jobs = Path()
+        self.controllers: frozenset[str] = frozenset()
+        self._created_root = False
+
+    def setup(self) -> None:
+        """Prepare ROOT: leaf for this process if needed, controllers, the ``jobs`` parent."""
+        mount = find_cgroup2_mount()
+        own = mount / own_cgroup().lstrip("/")
+        root = self._requested_root or own
+        if not (root / "cgroup.type").exists() and root == mount:
+            # The hierarchy's real root: keep out of it and use a subtree of our own.
+            root = root / "jobworker"
+        try:
+            root.mkdir(exist_ok=False)
+            self._created_root = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot create cgroup {root}: {exc.strerror}") from exc
+        if not (root / "cgroup.procs").exists():
+            raise ConfigError(f"{root} is not a cgroup v2 directory")
+        self.root = root
+        if own == root:
+            self._move_self_to_leaf()
+        self._enable_controllers(root)
+        self.jobs = root / "jobs"
+        self.jobs.mkdir(exist_ok=True)
+        self._enable_controllers(self.jobs)
+        self.controllers = frozenset(
+            (self.jobs / "cgroup.subtree_control").read_text().split()
+        ) & frozenset(CONTROLLERS)
+
+    def _move_self_to_leaf(self) -> None:
+        leaf = self.root / "server"
+        leaf.mkdir(exist_ok=True)
+        try:
+            _write(leaf / "cgroup.procs", str(os.getpid()))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot move the worker into {leaf}: {exc.strerror}; the cgroup must be "
+                "delegated to the worker and writable (systemd Delegate=yes, or a private "
+                "writable cgroup in a container)"
+            ) from exc
+        log.info("moved the worker into cgroup %s", leaf)
+
+    def _enable_controllers(self, cgroup: Path) -> None:
+        offered = set((cgroup / "cgroup.controllers").read_text().split())
+        for name in CONTROLLERS:
+            if name not in offered:
+                continue
+            try:
+                _write(cgroup / "cgroup.subtree_control", f"+{name}")
+            except OSError as exc:
+                why = (
+                    "it still holds processes that are not the worker's"
+                    if exc.errno == errno.EBUSY
+                    else exc.strerror
+                )
+                log.warning("cannot enable the %s controller in %s: %s", name, cgroup, why)
+
+    def leftovers(self) -> list[JobCgroup]:
+        """Job cgroups left behind by an earlier worker that did not shut down cleanly."""
+        return [JobCgroup(p) for p in self.jobs.iterdir() if p.is_dir()]
+
+    def create_job(self, job_id: str, limits: Limits, io_device: str | None) -> JobCgroup:
+        """Create the cgroup of a new job and write its limits (all or nothing)."""
+        path = self.jobs / job_id
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise CgroupError(f"cannot create cgroup for job {job_id}: {exc.strerror}") from exc
+        cgroup = JobCgroup(path)
+        try:
+            for name, value in limit_files(limits, io_device):
+                if name == "memory.swap.max" and not (path / name).exists():
+                    continue  # no swap accounting: there is no swap to limit
+                _write(path / name, value)
+        except OSError as exc:
+            cgroup.remove()
+            raise CgroupError(f"cannot set limits for job {job_id}: {exc.strerror}") from exc
+        return cgroup
+
+    def teardown(self) -> None:
+        """Remove the ``jobs`` parent, and ROOT if this worker created it and is not in it."""
+        _rmdir(self.jobs)
+        if self._created_root and not (self.root / "server").exists():
+            _rmdir(self.root)
+
+
+def limit_files(limits: Limits, io_device: str | None) -> Iterable[tuple[str, str]]:
+    """The interface files and values that express ``limits``."""
+    if limits.memory_bytes is not None:
+        yield "memory.max", str(limits.memory_bytes)
+        yield "memory.swap.max", "0"
+    if limits.cpu_millis is not None:
+        yield "cpu.max", f"{limits.cpu_millis * CPU_PERIOD_USEC // 1000} {CPU_PERIOD_USEC}"
+    if limits.pids is not None:
+        yield "pids.max", str(limits.pids)
+    io = []
+    if limits.io_read_bps is not None:
+        io.append(f"rbps={limits.io_read_bps}")
+    if limits.io_write_bps is not None:
+        io.append(f"wbps={limits.io_write_bps}")
+    if io and io_device is not None:
+        yield "io.max", f"{io_device} {' '.join(io)}"

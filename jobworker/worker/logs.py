@@ -1,0 +1,111 @@
+"""A job's output: one append-only log file, and readers that follow it.
+
+The job writes its stdout and stderr straight into the log file; the worker never copies or
+buffers output in memory. A reader (:class:`OutputStream`) reads from its offset to the end
+of the file, then sleeps until inotify says the file grew or the job ended, and repeats. It
+ends once the job has ended and every byte has been read. Each reader has its own file
+descriptor and offset, so any number of them can follow one job independently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+
+from jobworker.errors import InvalidOffset
+from jobworker.worker.models import OutputChunk
+from jobworker.worker.notify import FileWatcher, Wakeup
+
+__all__ = ["OutputStream", "create_log"]
+
+
+def create_log(path: Path) -> int:
+    """Create a new, empty log file and return a descriptor the job writes through."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+
+class OutputStream:
+    """Chunks of a job's output from ``offset``, live until the job ends.
+
+    Use it as ``async with worker.output(job_id) as stream: async for chunk in stream``.
+    Leaving the ``async with`` (normally, by error or by cancellation) releases the file and
+    the inotify watch at once.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        chunk_size: int,
+        watcher: FileWatcher,
+        ended: Callable[[], bool],
+        end_waiters: set[Wakeup],
+    ) -> None:
+        if offset < 0:
+            raise InvalidOffset(f"offset must not be negative, not {offset}")
+        self._path = path
+        self._offset = offset
+        self._chunk_size = chunk_size
+        self._watcher = watcher
+        self._ended = ended
+        self._end_waiters = end_waiters
+        self._waiter = Wakeup()
+        self._fd = -1
+        self._stack = AsyncExitStack()
+
+    @property
+    def offset(self) -> int:
+        """Where the next chunk starts."""
+        return self._offset
+
+    async def __aenter__(self) -> OutputStream:
+        async with AsyncExitStack() as stack:
+            # Watch first, then read: a write between the two still wakes this reader.
+            self._end_waiters.add(self._waiter)
+            stack.callback(self._end_waiters.discard, self._waiter)
+            await stack.enter_async_context(self._watcher.watch(self._path, self._waiter))
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            stack.callback(os.close, self._fd)
+            if self._ended():
+                size = os.fstat(self._fd).st_size
+                if self._offset > size:
+                    raise InvalidOffset(
+                        f"offset {self._offset} is past the end of the output ({size} bytes)"
+                    )
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release the file and the watch. Safe to call more than once."""
+        self._fd = -1
+        await self._stack.aclose()
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> OutputChunk:
+        if self._fd < 0:
+            raise StopAsyncIteration
+        while True:
+            # Arm before reading; decide "ended" before the read that may find nothing.
+            self._waiter.clear()
+            ended = self._ended()
+            data = os.pread(self._fd, self._chunk_size, self._offset)
+            if data:
+                chunk = OutputChunk(self._offset, data)
+                self._offset += len(data)
+                return chunk
+            if ended:
+                raise StopAsyncIteration
+            await self._waiter.wait()

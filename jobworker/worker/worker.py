@@ -1,0 +1,244 @@
+"""The Worker: the async context manager that owns every job.
+
+Jobs live as long as the worker, not as long as whoever started them. Leaving the worker's
+``async with`` stops every running job (SIGTERM, grace, cgroup.kill), waits until each job's
+cgroup is empty and removed, and then removes the worker's own cgroup directories.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+import anyio.abc
+
+from jobworker.errors import (
+    InvalidCommand,
+    InvalidLimits,
+    JobNotFound,
+    LimitNotEnforceable,
+    WorkerClosed,
+)
+from jobworker.worker.cgroup import CgroupTree, block_device_of
+from jobworker.worker.config import WorkerConfig
+from jobworker.worker.job import Job, empty_cgroup
+from jobworker.worker.logs import OutputStream, create_log
+from jobworker.worker.models import (
+    LIMIT_CONTROLLERS,
+    JobSpec,
+    JobStatus,
+    Limits,
+    new_job_id,
+    parse_job_id,
+)
+from jobworker.worker.notify import FileWatcher
+from jobworker.worker.process import job_environment, resolve_program, spawn_in_cgroup
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Starts, stops, reports on and streams the output of jobs.
+
+    ::
+
+        async with Worker(WorkerConfig(data_dir=Path("/var/lib/jobworker"))) as worker:
+            status = await worker.start(JobSpec("ls", ("-l",), owner="alice"))
+            async with worker.output(status.id) as stream:
+                async for chunk in stream:
+                    ...
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config.validate()
+        self._jobs: dict[str, Job] = {}
+        self._cgroups = CgroupTree(config.cgroup_root)
+        self._watcher = FileWatcher()
+        self._stack = AsyncExitStack()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._logs_dir = config.data_dir / "logs"
+        self._io_device: str | None = None
+        self._enforceable: frozenset[str] = frozenset()
+        self._closing = False
+
+    # Lifecycle.
+
+    async def __aenter__(self) -> Worker:
+        async with AsyncExitStack() as stack:
+            self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._logs_dir.mkdir(mode=0o700, exist_ok=True)
+            self._cgroups.setup()
+            stack.callback(self._cgroups.teardown)
+            await stack.enter_async_context(self._watcher)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.push_async_callback(self._stop_all)
+            await self._reap_leftovers()
+            self._io_device = self.config.io_device or block_device_of(self.config.data_dir)
+            self._enforceable = frozenset(
+                name
+                for name, controller in LIMIT_CONTROLLERS.items()
+                if controller in self._cgroups.controllers
+                and (controller != "io" or self._io_device is not None)
+            )
+            self._report_capabilities()
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing = True
+        # Jobs end the same way whatever ended the body; its exception propagates as it is.
+        await self._stack.aclose()
+
+    async def aclose(self) -> None:
+        await self.__aexit__(None, None, None)
+
+    def _report_capabilities(self) -> None:
+        log.info("job cgroups under %s", self._cgroups.jobs)
+        missing = sorted(set(LIMIT_CONTROLLERS) - self._enforceable)
+        if missing:
+            controllers = sorted({LIMIT_CONTROLLERS[n] for n in missing})
+            log.warning(
+                "these limits cannot be enforced here: %s (cgroup controllers not available "
+                "under %s: %s%s); jobs still run, contained and killable, without them",
+                ", ".join(missing),
+                self._cgroups.root,
+                ", ".join(c for c in controllers if c not in self._cgroups.controllers) or "-",
+                "; no block device for I/O limits" if self._io_device is None else "",
+            )
+
+    async def _reap_leftovers(self) -> None:
+        for cgroup in self._cgroups.leftovers():
+            if cgroup.populated():
+                log.warning("killing the processes an earlier worker left in %s", cgroup.path)
+            with anyio.fail_after(30):
+                await empty_cgroup(cgroup, self._watcher)
+            cgroup.remove()
+
+    async def _stop_all(self) -> None:
+        """Stop every running job and wait until all are over, even if cancelled."""
+        with anyio.CancelScope(shield=True):
+            assert self._task_group is not None
+            running = [job for job in self._jobs.values() if not job.is_ended()]
+            for job in running:
+                job.request_stop(self._task_group, self.config.stop_grace)
+            for job in running:
+                await job.wait()
+
+    # Capabilities.
+
+    @property
+    def enforceable_limits(self) -> frozenset[str]:
+        """Names of the :class:`Limits` fields this host can enforce."""
+        return self._enforceable
+
+    @property
+    def cgroup_root(self) -> Path:
+        return self._cgroups.root
+
+    # Operations.
+
+    async def start(self, spec: JobSpec) -> JobStatus:
+        """Start a job and return its first status. Nothing is left behind if it fails."""
+        if self._closing or self._task_group is None:
+            raise WorkerClosed("the worker is shutting down and starts no new jobs")
+        spec.validate()
+        limits = self._effective_limits(spec.limits)
+        unenforced = frozenset(limits.items()) - self._enforceable
+        env = job_environment("", os.environ)
+        program = resolve_program(spec.program, env["PATH"])
+        job_id = new_job_id()
+        env["JOBWORKER_JOB_ID"] = job_id
+        enforced = Limits(**{k: v for k, v in limits.items().items() if k not in unenforced})
+        cgroup = self._cgroups.create_job(job_id, enforced, self._io_device)
+        log_path = self._logs_dir / f"{job_id}.log"
+        try:
+            output_fd = create_log(log_path)
+            try:
+                # Shielded: once the child exists it must become a job, whoever gave up.
+                with anyio.CancelScope(shield=True):
+                    process = await spawn_in_cgroup(
+                        program,
+                        spec.args,
+                        cgroup_procs=cgroup.procs_file,
+                        output_fd=output_fd,
+                        env=env,
+                    )
+            finally:
+                os.close(output_fd)
+        except BaseException as exc:
+            log_path.unlink(missing_ok=True)
+            cgroup.remove()
+            if isinstance(exc, OSError):
+                raise InvalidCommand(f"cannot start {spec.program!r}: {exc.strerror}") from exc
+            raise
+        job = Job(job_id, spec, limits, unenforced, cgroup, process, log_path, self._watcher)
+        self._jobs[job_id] = job
+        self._task_group.start_soon(job.supervise)
+        log.info(
+            "job %s started for %r: %s %s (pid %d)",
+            job_id, spec.owner, program, list(spec.args), process.pid,
+        )  # fmt: skip
+        return job.status()
+
+    def _effective_limits(self, requested: Limits) -> Limits:
+        unavailable = sorted(set(requested.items()) - self._enforceable)
+        if unavailable:
+            raise LimitNotEnforceable(
+                f"this host cannot enforce {', '.join(unavailable)}: the cgroup controller is "
+                "not available to the worker; leave these limits out to run without them"
+            )
+        limits = requested.over(self.config.default_limits)
+        if over := limits.exceeding(self.config.max_limits):
+            details = ", ".join(
+                f"{name} {value or 'unlimited'} > {top}"
+                for name, (value, top) in sorted(over.items())
+            )
+            raise InvalidLimits(f"limits above this worker's maximum: {details}")
+        return limits
+
+    def _job(self, job_id: str) -> Job:
+        job = self._jobs.get(parse_job_id(job_id))
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+    def status(self, job_id: str) -> JobStatus:
+        return self._job(job_id).status()
+
+    def list(self, owner: str | None = None) -> list[JobStatus]:
+        """Every job (or every job of ``owner``), oldest first."""
+        return [job.status() for job in self._jobs.values() if owner is None or job.owner == owner]
+
+    async def stop(self, job_id: str) -> JobStatus:
+        """Stop a job and return its final status once every process of it is gone.
+
+        Stopping a job that already ended returns its final status unchanged.
+        """
+        job = self._job(job_id)
+        if self._task_group is None:
+            raise WorkerClosed("the worker is not running")
+        job.request_stop(self._task_group, self.config.stop_grace)
+        return await job.wait()
+
+    def output(self, job_id: str, offset: int = 0) -> OutputStream:
+        """The job's output from ``offset``, following it live until the job ends."""
+        job = self._job(job_id)
+        return OutputStream(
+            job.log_path,
+            offset,
+            self.config.chunk_size,
+            self._watcher,
+            job.is_ended,
+            job.end_waiters,
+        )
