@@ -44,6 +44,7 @@ __all__ = [
     "CA_DAYS",
     "CLIENT_DAYS",
     "DEFAULT_HOSTS",
+    "MAX_DAYS",
     "SERVER_DAYS",
     "CertAndKey",
     "ClientPaths",
@@ -406,9 +407,11 @@ def _write_pair(cert: Path, key: Path, pair: CertAndKey, *, overwrite: bool) -> 
 
 
 def _refuse_existing(paths: Iterable[Path], what: str) -> None:
-    existing = [str(path) for path in paths if path.exists() or path.is_symlink()]
+    existing = [path.name for path in paths if path.exists() or path.is_symlink()]
     if existing:
-        raise PkiExists(f"{what} already exists ({', '.join(existing)}); pass --force to replace")
+        raise PkiExists(
+            f"{what} already exists ({', '.join(existing)}); pass --force to replace it"
+        )
 
 
 def init_pki(directory: StrPath, hosts: Iterable[str] = (), *, force: bool = False) -> PkiPaths:
@@ -484,7 +487,7 @@ def issue_client(
             f"{ca.cert.not_valid_after_utc:%Y-%m-%d}"
         )
     if not force:
-        _refuse_existing((cert_path, key_path), f"client {name!r}")
+        _refuse_existing((cert_path, key_path), f"a certificate for {name!r} in {base}")
     pair = create_client_cert(ca, name, checked_role, days=days)
     _write_pair(cert_path, key_path, pair, overwrite=force)
     return ClientPaths(cert=cert_path, key=key_path)
