@@ -14,6 +14,7 @@ answers the call without running the handler, and logs one audit line.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,13 @@ from jobworker.auth.identity import Identity, common_name, identity_from_der, lo
 from jobworker.auth.policy import WORKER_SERVICE, authorize_path, split_path
 from jobworker.errors import PermissionDenied, Unauthenticated
 
-__all__ = ["current_identity", "install_auth", "peer_certificate_der", "use_identity"]
+__all__ = [
+    "current_identity",
+    "install_auth",
+    "peer_certificate_der",
+    "peer_transport",
+    "use_identity",
+]
 
 _current: ContextVar[Identity | None] = ContextVar("jobworker_identity", default=None)
 
@@ -42,15 +49,24 @@ class HasPeer(Protocol):
     def peer(self) -> Peer: ...
 
 
+def peer_transport(stream: HasPeer) -> asyncio.BaseTransport | None:
+    """The transport of the connection a call arrived on, or None if it cannot be found.
+
+    grpclib's :class:`~grpclib.protocol.Peer` keeps it in the private ``_transport``
+    attribute; this is the only place that touches grpclib internals. If they change, it
+    returns None: certificates then cannot be read and callers are refused (fail closed).
+    """
+    transport = getattr(stream.peer, "_transport", None)
+    return transport if isinstance(transport, asyncio.BaseTransport) else None
+
+
 def peer_certificate_der(stream: HasPeer) -> bytes | None:
     """The DER certificate the TLS peer presented, or None when there is none.
 
     grpclib's :class:`~grpclib.protocol.Peer` exposes only ``getpeercert()``'s dict, which
-    lacks extensions, so this reads the transport it keeps in the private ``_transport``
-    attribute. This is the only place that touches grpclib internals; if they change, it
-    returns None and callers are refused (fail closed).
+    lacks extensions, so this reads the TLS object of the connection's transport.
     """
-    transport = getattr(stream.peer, "_transport", None)
+    transport = peer_transport(stream)
     if transport is None:
         return None
     ssl_object = transport.get_extra_info("ssl_object")
