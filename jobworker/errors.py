@@ -48,6 +48,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "WorkerClosed",
+    "error_from_status",
 ]
 
 
@@ -131,3 +132,23 @@ class CgroupError(JobworkerError):
 
 class ConfigError(JobworkerError):
     """The configuration cannot work on this host; raised at start-up."""
+
+
+# The most specific class that a status alone identifies, for the client's side.
+_BY_STATUS: dict[Status, type[JobworkerError]] = {
+    Status.INVALID_ARGUMENT: InvalidArgument,
+    Status.NOT_FOUND: JobNotFound,
+    Status.FAILED_PRECONDITION: FailedPrecondition,
+    Status.PERMISSION_DENIED: PermissionDenied,
+    Status.UNAUTHENTICATED: Unauthenticated,
+    Status.UNAVAILABLE: Unavailable,
+}
+
+
+def error_from_status(status: Status, message: str | None) -> JobworkerError:
+    """The error a client raises for a gRPC status the server sent."""
+    cls = _BY_STATUS.get(status, JobworkerError)
+    text = message or status.name.lower().replace("_", " ")
+    if cls is JobworkerError:
+        text = f"{status.name}: {text}"
+    return cls(text)

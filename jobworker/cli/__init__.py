@@ -1,1 +1,5 @@
 """The jobworker command line."""
+
+from jobworker.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -43,7 +43,7 @@ def resolve_program(program: str, search_path: str) -> str:
     if "/" not in program:
         found = shutil.which(program, path=search_path)
         if found is None:
-            raise InvalidCommand(f"program {program!r} was not found on PATH ({search_path})")
+            raise InvalidCommand(f"program {program!r} was not found on the worker's PATH")
         program = found
     elif not program.startswith("/"):
         raise InvalidCommand(

@@ -1,0 +1,101 @@
+"""How the CLI shows job statuses: aligned text for people, JSON for programs."""
+
+from __future__ import annotations
+
+import shlex
+from datetime import datetime
+from typing import Any
+
+from jobworker.worker.models import JobStatus, Limits
+
+__all__ = ["status_json", "status_lines", "status_table"]
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def status_json(status: JobStatus) -> dict[str, Any]:
+    """A job's status as a JSON object (times in ISO 8601, UTC)."""
+    return {
+        "id": status.id,
+        "state": status.state.value,
+        "pid": status.pid,
+        "exit_code": status.exit_code,
+        "signal": status.signal,
+        "oom_killed": status.oom_killed,
+        "owner": status.owner,
+        "command": status.program,
+        "args": list(status.args),
+        "started_at": _time(status.started_at),
+        "ended_at": _time(status.ended_at),
+        "limits": status.limits.items(),
+        "unenforced_limits": sorted(status.unenforced),
+        "usage": {
+            "cpu_usec": status.usage.cpu_usec,
+            "memory_peak_bytes": status.usage.memory_peak_bytes,
+        },
+    }
+
+
+def _command(status: JobStatus) -> str:
+    return shlex.join([status.program, *status.args])
+
+
+def _limits(limits: Limits, unenforced: frozenset[str]) -> str:
+    parts = [
+        f"{name}={value}{' (not enforced)' if name in unenforced else ''}"
+        for name, value in limits.items().items()
+    ]
+    return ", ".join(parts) or "none"
+
+
+def _outcome(status: JobStatus) -> str:
+    if status.signal is not None:
+        return f"signal {status.signal}"
+    if status.exit_code is not None:
+        return f"exit {status.exit_code}"
+    return "-"
+
+
+def status_lines(status: JobStatus) -> list[str]:
+    """A job's status as ``key: value`` lines."""
+    rows = [
+        ("id", status.id),
+        ("state", status.state.value),
+        ("command", _command(status)),
+        ("owner", status.owner),
+        ("pid", str(status.pid)),
+        ("result", _outcome(status)),
+        ("oom killed", "yes" if status.oom_killed else "no"),
+        ("started", _time(status.started_at) or "-"),
+        ("ended", _time(status.ended_at) or "-"),
+        ("limits", _limits(status.limits, status.unenforced)),
+    ]
+    if status.usage.cpu_usec is not None:
+        rows.append(("cpu time", f"{status.usage.cpu_usec / 1e6:.3f} s"))
+    if status.usage.memory_peak_bytes is not None:
+        rows.append(("peak memory", f"{status.usage.memory_peak_bytes} bytes"))
+    width = max(len(k) for k, _ in rows)
+    return [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
+
+
+def status_table(jobs: list[JobStatus]) -> list[str]:
+    """One line per job under a header."""
+    header = ("ID", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")
+    rows = [
+        (
+            j.id,
+            j.state.value,
+            _outcome(j),
+            j.owner,
+            j.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _command(j),
+        )
+        for j in jobs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in [header, *rows]
+    ]

@@ -1,0 +1,150 @@
+"""The server's lifecycle: start, serve, and a graceful, bounded shutdown.
+
+Shutdown (SIGTERM, SIGINT, or leaving :class:`JobworkerServer`) goes in this order:
+
+1. new calls are refused and open calls, output streams included, end with UNAVAILABLE;
+2. up to ``drain_timeout`` seconds for those answers to be sent;
+3. the listening socket is closed and any call still running is cancelled;
+4. every client connection is closed (Python 3.12+ would otherwise wait for clients to
+   hang up before ``wait_closed`` returns);
+5. the worker stops every running job (SIGTERM, its grace period, then ``cgroup.kill``)
+   and removes their cgroups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import weakref
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+from grpclib.config import Configuration
+from grpclib.events import RecvRequest, listen
+from grpclib.health.service import Health
+from grpclib.server import Server
+
+from jobworker.auth import install_auth
+from jobworker.auth.hook import peer_transport
+from jobworker.errors import ConfigError
+from jobworker.server.service import WorkerService
+from jobworker.server.tls import server_ssl_context
+from jobworker.worker import Worker, WorkerConfig
+
+__all__ = ["JobworkerServer", "ServerConfig", "parse_listen", "serve"]
+
+log = logging.getLogger(__name__)
+
+# Larger HTTP/2 windows than the 64 KiB default let output chunks flow without waiting for
+# a window update after every message.
+_H2_WINDOW = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where to listen, which TLS files to use, and the worker's configuration."""
+
+    worker: WorkerConfig
+    tls_cert: Path
+    tls_key: Path
+    client_ca: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    drain_timeout: float = 1.0
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:50051`` for IPv6) as a (host, port) pair."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"listen address must be HOST:PORT, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+class JobworkerServer:
+    """A running server: ``async with JobworkerServer(config) as server: ...``."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._stack = AsyncExitStack()
+        self._service: WorkerService | None = None
+        self._server: Server | None = None
+        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self.port = config.port
+
+    async def __aenter__(self) -> JobworkerServer:
+        async with AsyncExitStack() as stack:
+            ssl_context = server_ssl_context(
+                self.config.tls_cert, self.config.tls_key, self.config.client_ca
+            )
+            sock = _listening_socket(self.config.host, self.config.port)
+            stack.callback(sock.close)
+            worker = await stack.enter_async_context(Worker(self.config.worker))
+            self._service = WorkerService(worker)
+            self._server = Server(
+                [self._service, Health()],
+                config=Configuration(
+                    http2_connection_window_size=_H2_WINDOW,
+                    http2_stream_window_size=_H2_WINDOW,
+                ),
+            )
+            install_auth(self._server)
+            listen(self._server, RecvRequest, self._track_connection)
+            await self._server.start(sock=sock, ssl=ssl_context)
+            stack.push_async_callback(self._close_server)
+            self.port = sock.getsockname()[1]
+            log.info("serving on %s:%d", self.config.host, self.port)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._stack.aclose()
+
+    async def _track_connection(self, event: RecvRequest) -> None:
+        transport = peer_transport(event)
+        if transport is not None:
+            self._connections.add(transport)
+
+    async def _close_server(self) -> None:
+        assert self._service is not None
+        assert self._server is not None
+        log.info("shutting down: ending open calls")
+        self._service.close()
+        with anyio.move_on_after(self.config.drain_timeout):
+            await self._service.wait_idle()
+        self._server.close()
+        for transport in list(self._connections):
+            transport.close()
+        with anyio.move_on_after(self.config.drain_timeout):
+            await self._server.wait_closed()
+        log.info("connections closed; stopping jobs")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with JobworkerServer(config):
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                break

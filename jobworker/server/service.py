@@ -1,0 +1,161 @@
+"""The ``jobworker.v1.Worker`` service: protos in, worker calls, protos out.
+
+Handlers do three things only: turn the request into library models, call the
+:class:`~jobworker.worker.Worker` on behalf of the caller the auth hook identified, and turn
+the result into a response. Errors become statuses in :mod:`jobworker.server.errors`; each
+call ends with one audit line.
+
+Ownership: a job belongs to the identity that started it. A caller that may not see a job
+(see :func:`~jobworker.auth.policy.can_see`) is told the job does not exist, exactly as for
+an unknown id, so job ids of other owners cannot be probed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import grpclib.const
+import grpclib.server
+from grpclib.exceptions import GRPCError
+
+from jobworker._proto.jobworker import v1 as pb
+from jobworker._proto_convert import chunk_to_proto, spec_from_proto, status_to_proto
+from jobworker.auth import Identity, Rpc, audit, can_see, current_identity
+from jobworker.errors import JobNotFound, Unavailable
+from jobworker.server.errors import to_grpc_error
+from jobworker.worker import JobStatus, Worker, parse_job_id
+
+__all__ = ["WorkerService"]
+
+log = logging.getLogger(__name__)
+
+_STREAM_PATH = "/jobworker.v1.Worker/StreamJobOutput"
+
+
+@dataclass
+class _Call:
+    """Who is calling, and which job the call concerns (for the audit line)."""
+
+    identity: Identity
+    job_id: str | None
+
+
+class WorkerService(pb.WorkerBase):
+    """Serves one :class:`Worker`. :meth:`close` ends every open call with UNAVAILABLE."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._calls: set[anyio.CancelScope] = set()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._closing = False
+
+    # Lifecycle.
+
+    def close(self) -> None:
+        """Refuse new calls and end the open ones (their callers get UNAVAILABLE)."""
+        self._closing = True
+        for scope in self._calls:
+            scope.cancel()
+
+    async def wait_idle(self) -> None:
+        """Wait until no call is in progress."""
+        await self._idle.wait()
+
+    @contextmanager
+    def _call(self, rpc: Rpc, job_id: str | None = None) -> Iterator[_Call]:
+        """Run one call: identity, shutdown, error mapping and the audit line."""
+        call = _Call(current_identity(), job_id)
+        outcome: str | grpclib.const.Status = "ok"
+        scope = anyio.CancelScope()
+        self._calls.add(scope)
+        self._idle = anyio.Event() if len(self._calls) == 1 else self._idle
+        try:
+            if self._closing:
+                scope.cancel()
+            with scope:
+                yield call
+            if scope.cancelled_caught:
+                raise Unavailable("the server is shutting down; retry on another server or later")
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a gRPC status here
+            error = to_grpc_error(exc)
+            outcome = error.status
+            raise error from None
+        except BaseException:
+            outcome = "cancelled"  # the client went away, or the server is closing
+            raise
+        finally:
+            self._calls.discard(scope)
+            if not self._calls:
+                self._idle.set()
+            audit(call.identity, rpc, call.job_id, outcome)
+
+    def _visible(self, identity: Identity, job_id: str) -> JobStatus:
+        """The status of a job the caller may see, else JobNotFound (as for an unknown id)."""
+        status = self._worker.status(job_id)
+        if not can_see(identity, status.owner):
+            raise JobNotFound(f"no job {parse_job_id(job_id)}")
+        return status
+
+    # Handlers.
+
+    async def start_job(self, message: pb.StartJobRequest) -> pb.StartJobResponse:
+        with self._call(Rpc.START_JOB) as call:
+            status = await self._worker.start(spec_from_proto(message, owner=call.identity.name))
+            call.job_id = status.id
+        return pb.StartJobResponse(status=status_to_proto(status))
+
+    async def stop_job(self, message: pb.StopJobRequest) -> pb.StopJobResponse:
+        with self._call(Rpc.STOP_JOB, message.job_id) as call:
+            self._visible(call.identity, message.job_id)
+            status = await self._worker.stop(message.job_id)
+        return pb.StopJobResponse(status=status_to_proto(status))
+
+    async def get_job_status(self, message: pb.GetJobStatusRequest) -> pb.GetJobStatusResponse:
+        with self._call(Rpc.GET_JOB_STATUS, message.job_id) as call:
+            status = self._visible(call.identity, message.job_id)
+        return pb.GetJobStatusResponse(status=status_to_proto(status))
+
+    async def list_jobs(self, message: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        with self._call(Rpc.LIST_JOBS) as call:
+            jobs = [s for s in self._worker.list() if can_see(call.identity, s.owner)]
+        return pb.ListJobsResponse(jobs=[status_to_proto(s) for s in jobs])
+
+    async def stream_job_output(
+        self, message: pb.StreamJobOutputRequest
+    ) -> AsyncIterator[pb.OutputChunk]:  # pragma: no cover - replaced in __mapping__
+        raise GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield pb.OutputChunk()
+
+    async def _stream_job_output(
+        self, stream: grpclib.server.Stream[pb.StreamJobOutputRequest, pb.OutputChunk]
+    ) -> None:
+        """Server streaming, with the grpclib stream in hand.
+
+        The generated base class would drive an async generator, and a shutdown could then
+        cancel the call while it is suspended outside this code; writing to the stream here
+        keeps each call's cancel scope around all of its work.
+        """
+        request = await stream.recv_message()
+        assert request is not None
+        with self._call(Rpc.STREAM_JOB_OUTPUT, request.job_id) as call:
+            self._visible(call.identity, request.job_id)
+            async with self._worker.output(request.job_id, request.offset) as output:
+                async for chunk in output:
+                    await stream.send_message(chunk_to_proto(chunk))
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping: dict[str, Any] = super().__mapping__()
+        generated = mapping[_STREAM_PATH]
+        mapping[_STREAM_PATH] = grpclib.const.Handler(
+            self._stream_job_output,
+            generated.cardinality,
+            generated.request_type,
+            generated.reply_type,
+        )
+        return mapping
