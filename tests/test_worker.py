@@ -290,7 +290,7 @@ async def test_many_jobs_at_once(worker: Worker) -> None:
         (JobSpec(""), InvalidCommand, "must not be empty"),
         (JobSpec("ec\0ho"), InvalidCommand, "NUL"),
         (JobSpec("echo", ("a", "b\0c")), InvalidCommand, "argument 1 .*NUL"),
-        (JobSpec("no-such-program-here"), InvalidCommand, "not found on PATH"),
+        (JobSpec("no-such-program-here"), InvalidCommand, "not found on the worker.s PATH"),
         (JobSpec("/no/such/program"), InvalidCommand, "does not exist"),
         (JobSpec("bin/ls"), InvalidCommand, "absolute path"),
         (JobSpec("/etc"), InvalidCommand, "not a regular file"),

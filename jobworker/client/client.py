@@ -146,6 +146,7 @@ class OutputReader:
         self.offset = offset
         self._stack = AsyncExitStack()
         self._stream: Stream[pb.StreamJobOutputRequest, pb.OutputChunk] | None = None
+        self._finished = False
 
     async def __aenter__(self) -> OutputReader:
         with self._client._errors():
@@ -169,8 +170,8 @@ class OutputReader:
         tb: TracebackType | None,
     ) -> None:
         stream, self._stream = self._stream, None
-        if stream is not None and exc_type is not None:
-            await stream.cancel()
+        if stream is not None and not self._finished:
+            await stream.cancel()  # left before the end: end the call now, do not drain it
         await self._stack.aclose()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -186,11 +187,16 @@ class OutputReader:
         """The next chunk with its offset, or None once the job ended and all was read."""
         if self._stream is None:
             return None
-        with self._client._errors():
-            message = await self._stream.recv_message()
-            if message is None:
-                await self._stream.recv_trailing_metadata()
-                return None
+        try:
+            with self._client._errors():
+                message = await self._stream.recv_message()
+                if message is None:
+                    await self._stream.recv_trailing_metadata()
+                    self._finished = True
+                    return None
+        except JobworkerError:
+            self._finished = True  # the server ended the call with an error status
+            raise
         chunk = chunk_from_proto(message)
         if chunk.offset != self.offset:
             raise JobworkerError(

@@ -118,8 +118,7 @@ class JobworkerServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with anyio.CancelScope(shield=True):
-            await self._stack.aclose()
+        await self._stack.aclose()
 
     async def _track_connection(self, event: RecvRequest) -> None:
         transport = peer_transport(event)
@@ -127,6 +126,10 @@ class JobworkerServer:
             self._connections.add(transport)
 
     async def _close_server(self) -> None:
+        with anyio.CancelScope(shield=True):  # runs to the end even if its caller is cancelled
+            await self._shutdown_calls()
+
+    async def _shutdown_calls(self) -> None:
         assert self._service is not None
         assert self._server is not None
         log.info("shutting down: ending open calls")
