@@ -1,0 +1,172 @@
+"""The ``jobworker`` command end to end: a real server process and real CLI processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from jobworker.certs import PkiPaths
+
+JOBWORKER = [sys.executable, "-m", "jobworker"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    env: dict[str, str]
+    data_dir: Path
+    log: Path
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*JOBWORKER, *args], env=self.env, capture_output=True, timeout=timeout, check=False
+        )
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited early:\n{log.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"the server did not listen within 20 s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def served(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
+    """``jobworker serve`` as its own process, with a PKI it creates on first start."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    server_env = {
+        **os.environ,
+        "JOBWORKER_LISTEN": f"127.0.0.1:{port}",
+        "JOBWORKER_DATA_DIR": str(data_dir),
+        "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
+        "JOBWORKER_STOP_GRACE": "2",
+    }
+    with log.open("wb") as sink:
+        process = subprocess.Popen([*JOBWORKER, "serve"], env=server_env, stdout=sink, stderr=sink)
+    try:
+        wait_listening(port, process, log)
+        pki = PkiPaths.in_dir(data_dir / "pki")
+        client_env = {
+            **os.environ,
+            "JOBWORKER_SERVER": f"127.0.0.1:{port}",
+            "JOBWORKER_CERT": str(pki.admin_cert),
+            "JOBWORKER_KEY": str(pki.admin_key),
+            "JOBWORKER_CA": str(pki.server_ca),
+        }
+        yield Served(process, client_env, data_dir, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+
+
+def test_start_stream_and_status_json(served: Served) -> None:
+    started = served.cli("start", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.decode().strip()
+    assert len(job_id) == 36
+    streamed = served.cli("stream", job_id)
+    assert (streamed.returncode, streamed.stdout) == (0, b"out\nerr\n")
+    assert served.cli("stream", job_id, "--offset", "4").stdout == b"err\n"
+    shown = served.cli("status", job_id, "--json")
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
+    assert {k: status[k] for k in ("id", "state", "exit_code", "signal", "oom_killed")} == {
+        "id": job_id,
+        "state": "completed",
+        "exit_code": 3,
+        "signal": None,
+        "oom_killed": False,
+    }
+    assert (status["owner"], status["command"], status["args"]) == (
+        "admin",
+        "sh",
+        ["-c", "echo out; echo err >&2; exit 3"],
+    )
+    assert status["started_at"] <= status["ended_at"]
+    listed = json.loads(served.cli("list", "--json").stdout)
+    assert [j["id"] for j in listed] == [job_id]
+
+
+def test_run_exits_with_the_jobs_exit_code_or_128_plus_signal(served: Served) -> None:
+    ran = served.cli("run", "--", "sh", "-c", "printf 'a\\0b'; exit 42")
+    assert (ran.returncode, ran.stdout) == (42, b"a\0b")
+    killed = served.cli("run", "--", "sh", "-c", "kill -KILL $$")
+    assert killed.returncode == 128 + signal.SIGKILL
+
+
+def test_stop_prints_the_final_status(served: Served) -> None:
+    job_id = served.cli("start", "--", "sleep", "60").stdout.decode().strip()
+    stopped = served.cli("stop", job_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "state:" in stopped.stdout.decode()
+    assert "stopped" in stopped.stdout.decode()
+
+
+def test_errors_are_one_clear_line_on_stderr(served: Served) -> None:
+    for args, needle in [
+        (("status", "not-a-job"), "invalid job id"),
+        (("status", "3f2b8c1e-7d4a-4e6b-9c2d-1a5f0e9b7c34"), "no job"),
+        (("start", "--", "no-such-program-here"), "not found"),
+        (("start", "--memory", "lots", "--", "true"), "not a size"),
+    ]:
+        result = served.cli(*args)
+        lines = result.stderr.decode().strip().splitlines()
+        assert result.returncode == 1, args
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: ")
+        assert needle in lines[0]
+        assert result.stdout == b""
+
+
+def test_a_server_that_is_not_there_is_a_clear_error(served: Served) -> None:
+    env = {**served.env, "JOBWORKER_SERVER": f"127.0.0.1:{free_port()}"}
+    result = subprocess.run(
+        [*JOBWORKER, "list"], env=env, capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 1
+    assert b"cannot reach the jobworker server" in result.stderr
+
+
+def test_sigterm_ends_streams_stops_jobs_and_exits(served: Served, cgroup_root: Path) -> None:
+    job_id = served.cli("start", "--", "sh", "-c", "echo up; exec sleep 300").stdout.decode()
+    follower = subprocess.Popen(
+        [*JOBWORKER, "stream", job_id.strip()],
+        env=served.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == b"up\n"
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=20) == 0  # a bounded exit: grace (2 s) + drain
+    _, err = follower.communicate(timeout=10)
+    assert follower.returncode == 1
+    assert b"shutting down" in err, err
+    assert not cgroup_root.exists(), "job cgroups and the worker's cgroup are removed"
+    log = served.log.read_text()
+    assert "stopping jobs" in log
