@@ -31,7 +31,7 @@ from grpclib.health.service import Health
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.server import Server, Stream
 
-from jobworker.auth import Identity, current_identity, install_auth
+from jobworker.auth import Identity, current_identity, install_auth, peer_certificate_der
 from jobworker.auth.policy import Rpc
 from jobworker.auth.roles import ROLE_OID, Role, encode_utf8string
 from jobworker.certs import (
@@ -128,17 +128,27 @@ def build_pki(directory: Path) -> PkiFixture:
     return PkiFixture(paths=paths, server_ca=server_ca, client_ca=client_ca, clients=clients)
 
 
+@dataclass(frozen=True)
+class WorkerCall:
+    """One call that reached a FakeWorker handler."""
+
+    rpc: str
+    identity: Identity
+    peer_der: bytes | None
+
+
 class FakeWorker:
     """A stand-in for ``jobworker.v1.Worker``: each method answers SERVING and records
-    which identity its handler saw, so tests can tell whether a handler ran at all."""
+    which identity its handler saw (and the peer's DER certificate, read from the stream),
+    so tests can tell whether a handler ran at all and for whom."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, Identity]] = []
+        self.calls: list[WorkerCall] = []
 
     def _handler(self, rpc: str) -> Handler:
         async def handle(stream: Stream[HealthCheckRequest, HealthCheckResponse]) -> None:
             await stream.recv_message()
-            self.calls.append((rpc, current_identity()))
+            self.calls.append(WorkerCall(rpc, current_identity(), peer_certificate_der(stream)))
             await stream.send_message(HealthCheckResponse(status=HealthCheckResponse.SERVING))
 
         return Handler(handle, Cardinality.UNARY_UNARY, HealthCheckRequest, HealthCheckResponse)
