@@ -99,3 +99,14 @@ def proto(session: nox.Session) -> None:
     tmp = Path(session.create_tmp()) / "generated"
     _generate(session, tmp)
     session.run("diff", "-r", "-x", "__pycache__", str(tmp), PROTO_OUT, external=True)
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Benchmarks beside their baselines (as root): quick; `nox -s bench -- --full` for all.
+
+    Writes a table to stdout and bench-results/{results.json,results.md,bench.png}; exits
+    non-zero only when something breaks, never on a timing. See docs/performance.md.
+    """
+    session.install("-e", ".", "matplotlib")
+    session.run("python", "-m", "bench", *session.posargs)

@@ -1,0 +1,105 @@
+"""What every measurement shares: the mode's sizes, the run's context, result rows."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from bench.server import ServerProcess, Workspace
+
+T = TypeVar("T")
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+WRITER = BENCH_DIR / "writer.py"
+TICKER = BENCH_DIR / "ticker.py"
+DEFAULT_CHUNK = 64 * 1024  # the server's default chunk size (WorkerConfig.chunk_size)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    starts: int  # StartJob round trips (and as many baseline round trips)
+    throughput_mib: int  # size of the output that is streamed
+    repeats: int  # single-stream throughput runs; the median is reported
+    clients: int  # concurrent clients streaming one finished job
+    follow_lines: int  # timestamped lines, one every 10 ms
+    scale_jobs: int  # concurrent sleeping jobs, and as many followers
+    idle_seconds: float  # window for the idle followers' CPU use
+
+
+QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0)
+FULL = Mode("full", 1000, 256, 3, 16, 1000, 1000, 10.0)
+
+
+@dataclass
+class Context:
+    mode: Mode
+    workspace: Workspace
+    python: str = sys.executable  # runs the server and the writer/ticker jobs
+    chunk_size: int | None = None  # None: the server's default
+
+    @property
+    def effective_chunk(self) -> int:
+        return self.chunk_size or DEFAULT_CHUNK
+
+    def server(self, name: str) -> ServerProcess:
+        return ServerProcess(self.workspace, name, python=self.python, chunk_size=self.chunk_size)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One number, and the baseline it is compared with (measured in the same run)."""
+
+    section: str
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None or not self.baseline or math.isnan(self.baseline):
+            return None
+        return self.value / self.baseline
+
+
+@dataclass
+class Section:
+    name: str
+    rows: list[Row] = field(default_factory=list)
+    data: dict[str, object] = field(default_factory=dict)
+    seconds: float = 0.0
+    background_cores: float = 0.0  # CPU used meanwhile by other processes of the machine
+    error: str | None = None
+
+    def add(
+        self,
+        metric: str,
+        value: float,
+        unit: str,
+        baseline: float | None = None,
+        baseline_name: str = "",
+        note: str = "",
+    ) -> None:
+        self.rows.append(Row(self.name, metric, value, unit, baseline, baseline_name, note))
+
+
+async def bounded(limit: int, calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run the calls concurrently, at most ``limit`` at a time; results in order."""
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
+        async with semaphore:
+            return await call()
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(one(call)) for call in calls]
+    return [task.result() for task in tasks]

@@ -1,0 +1,103 @@
+"""Follow latency: how long after a job writes a line a following client receives it.
+
+A job (``ticker.py``) writes ``<n> <time.time_ns()>`` every 10 ms; both processes read the
+same CLOCK_REALTIME. jobworker: a client follows the job over gRPC. Baseline: a second ticker
+job's log file followed directly in this process, woken by inotify (watch first, then read to
+the end after every event) — what the kernel's notification costs without gRPC or TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from asyncinotify import Inotify, Mask
+
+from bench.common import TICKER, Context, Section
+from bench.proc import self_cpu
+from bench.server import BenchError
+from bench.stats import percentile
+
+PERIOD = 0.01
+
+
+class _Lines:
+    """Splits received bytes into lines and records each line's delay."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.delays_ms: list[float] = []
+
+    def feed(self, data: bytes, received_ns: int) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            n, stamp = line.split()
+            if int(n) != len(self.delays_ms):
+                raise BenchError(f"line {len(self.delays_ms)} expected, got line {int(n)}")
+            self.delays_ms.append((received_ns - int(stamp)) / 1e6)
+
+
+async def _follow_file(path: Path, count: int) -> list[float]:
+    lines = _Lines()
+    with Inotify() as inotify:
+        inotify.add_watch(path, Mask.MODIFY)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            offset = 0
+            while True:
+                while data := os.pread(fd, 65536, offset):
+                    lines.feed(data, time.time_ns())
+                    offset += len(data)
+                if len(lines.delays_ms) >= count:
+                    return lines.delays_ms
+                await inotify.get()
+        finally:
+            os.close(fd)
+
+
+async def measure(ctx: Context, out: Section) -> None:
+    count = ctx.mode.follow_lines
+    args = ["-I", str(TICKER), str(count), str(PERIOD)]
+    timeout = count * PERIOD * 3 + 10
+    async with ctx.server("follow") as server, server.client() as client:
+        lines = _Lines()
+        job = await client.start(ctx.python, args)
+        s0, c0, t0 = server.sample().cpu_s, self_cpu(), time.perf_counter()
+        async with asyncio.timeout(timeout), client.output(job.id) as output:
+            async for data in output:
+                lines.feed(data, time.time_ns())
+        wall = time.perf_counter() - t0
+        s1, c1 = server.sample().cpu_s, self_cpu()
+        jobworker = lines.delays_ms
+        if len(jobworker) != count:
+            raise BenchError(f"the follower got {len(jobworker)} lines, not {count}")
+
+        job = await client.start(ctx.python, args)
+        async with asyncio.timeout(timeout):
+            baseline = await _follow_file(server.log_file(job.id), count)
+    base = "inotify + read, in process"
+    for q in (50, 99):
+        out.add(
+            f"follow delay p{q}",
+            percentile(jobworker, q),
+            "ms",
+            percentile(baseline, q),
+            base,
+        )
+    out.add("follow delay max", max(jobworker), "ms", max(baseline), base)
+    out.add(
+        "CPU while following",
+        (s1 - s0) / wall * 100,
+        "%",
+        note=f"server; client {(c1 - c0) / wall * 100:.1f}%; one 20-byte line per 10 ms",
+    )
+    out.data = {
+        "lines": count,
+        "period_s": PERIOD,
+        "jobworker_ms": {q: percentile(jobworker, q) for q in (50, 90, 99, 100)},
+        "baseline_ms": {q: percentile(baseline, q) for q in (50, 90, 99, 100)},
+        "jobworker_delays_ms": jobworker,
+        "baseline_delays_ms": baseline,
+    }
