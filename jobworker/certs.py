@@ -299,7 +299,7 @@ def create_ca(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True,
+                digital_signature=False,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
