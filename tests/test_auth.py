@@ -11,6 +11,7 @@ What a client sees when it is refused (as observed with grpclib 0.4.9, TLS 1.3):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from datetime import UTC, datetime, timedelta
@@ -42,6 +43,7 @@ from jobworker.auth import (
     use_identity,
 )
 from jobworker.auth.audit import AUDIT_LOGGER
+from jobworker.auth.hook import peer_transport
 from jobworker.auth.policy import split_path
 from jobworker.auth.roles import ROLE_OID, decode_utf8string, encode_utf8string, parse_role
 from jobworker.certs import create_ca, create_client_cert
@@ -330,25 +332,20 @@ def test_current_identity_needs_a_caller() -> None:
         current_identity()
 
 
-class _Transport:
-    def __init__(self, extra: dict[str, object]) -> None:
-        self.extra = extra
-
-    def get_extra_info(self, name: str) -> object:
-        return self.extra.get(name)
-
-
 class _HasPeer:
     def __init__(self, peer: object) -> None:
         self.peer = peer
 
 
 def test_peer_certificate_der_without_tls_is_none() -> None:
-    plain = _HasPeer(Peer(_Transport({"peername": ("127.0.0.1", 1)})))  # type: ignore[arg-type]
+    transport = asyncio.Transport({"peername": ("127.0.0.1", 1)})  # a plain TCP connection
+    plain = _HasPeer(Peer(transport))
+    assert peer_transport(plain) is transport  # type: ignore[arg-type]
     assert peer_certificate_der(plain) is None  # type: ignore[arg-type]
 
 
 def test_peer_certificate_der_fails_closed_if_grpclib_changes() -> None:
+    assert peer_transport(_HasPeer(object())) is None  # type: ignore[arg-type]
     assert peer_certificate_der(_HasPeer(object())) is None  # type: ignore[arg-type]
 
 
