@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import weakref
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -33,8 +34,10 @@ from jobworker.auth import install_auth
 from jobworker.auth.hook import peer_transport
 from jobworker.errors import ConfigError
 from jobworker.server.service import WorkerService
+from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
 from jobworker.worker import Worker, WorkerConfig
+from jobworker.worker.reaper import set_child_subreaper
 
 __all__ = ["JobworkerServer", "ServerConfig", "parse_listen", "serve"]
 
@@ -92,9 +95,10 @@ class JobworkerServer:
             ssl_context = server_ssl_context(
                 self.config.tls_cert, self.config.tls_key, self.config.client_ca
             )
+            worker = await stack.enter_async_context(Worker(self.config.worker))
+            # Listen only once the worker is ready: a connection that succeeds is served.
             sock = _listening_socket(self.config.host, self.config.port)
             stack.callback(sock.close)
-            worker = await stack.enter_async_context(Worker(self.config.worker))
             self._service = WorkerService(worker)
             self._server = Server(
                 [self._service, Health()],
@@ -145,8 +149,21 @@ class JobworkerServer:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully.
+
+    The process is the server: it becomes a child subreaper and its worker reaps the orphans
+    that jobs leave behind (``worker/reaper.py``), so it behaves the same as PID 1 of a
+    container and as a service. A stop signal held since the process started
+    (``server/signals.py``) ends it before it serves.
+    """
+    set_child_subreaper()
+    config = replace(config, worker=replace(config.worker, reap_orphans=True))
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if (held := held_stop_signal()) is not None:
+            log.info("received %s while starting: not serving", held.name)
+            return
+        if os.getpid() == 1:
+            log.info("running as PID 1: reaping orphaned processes")
         async with JobworkerServer(config):
             async for signum in signals:
                 log.info("received %s", signal.Signals(signum).name)
