@@ -101,6 +101,35 @@ def proto(session: nox.Session) -> None:
     session.run("diff", "-r", "-x", "__pycache__", str(tmp), PROTO_OUT, external=True)
 
 
+def _vm_pytest_args(posargs: list[str]) -> list[str]:
+    """tests/vm unless the arguments already name test paths (`nox -s vm -- tests/x.py::t -x`)."""
+    names_paths = any(Path(arg.split("::")[0]).exists() for arg in posargs)
+    return posargs if names_paths else ["tests/vm", *posargs]
+
+
+@nox.session(python="3.11")
+def vm(session: nox.Session) -> None:
+    """The VM test tier: pytest inside a qemu VM with a pure cgroup v2 kernel (scripts/vm-run)."""
+    session.install("-e", ".[test]")
+    python = str(Path(session.bin) / "python")
+    # Byte-compile on the host: the guest's writes are thrown away, so without this every run
+    # compiles all imported modules again under emulation (about 20 s).
+    venv = str(Path(session.bin).parent)
+    session.run(python, "-m", "compileall", "-q", "-j0", venv, "jobworker", "tests", silent=True)
+    session.run(
+        python,
+        str(ROOT / "scripts" / "vm-run"),
+        "--disk",
+        "--timeout=900",
+        "--env=PYTEST_ADDOPTS",
+        "--",
+        python,
+        "-m",
+        "pytest",
+        *_vm_pytest_args(session.posargs),
+    )
+
+
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Benchmarks beside their baselines (as root): quick; `nox -s bench -- --full` for all.
