@@ -19,6 +19,7 @@ from jobworker.errors import (
     InvalidOffset,
     JobNotFound,
     LimitNotEnforceable,
+    Unavailable,
     WorkerClosed,
 )
 from jobworker.worker import JobSpec, JobState, Limits, Worker, WorkerConfig
@@ -395,3 +396,15 @@ async def test_limits_are_written_to_the_job_cgroup(worker: Worker) -> None:
     assert (cgroup / "pids.max").read_text().strip() == "32"
     assert status.unenforced == frozenset()
     await worker.stop(status.id)
+
+
+async def test_a_start_that_fails_on_the_host_rolls_back(worker: Worker) -> None:
+    logs = worker.config.data_dir / "logs"
+    logs.rmdir()  # the log cannot be created: as if the disk were gone
+    try:
+        with pytest.raises(Unavailable, match="cannot start a job now"):
+            await worker.start(JobSpec("true"))
+        assert worker.list() == [], "no job record"
+        assert job_cgroups(worker) == [], "no cgroup"
+    finally:
+        logs.mkdir()

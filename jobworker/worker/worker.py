@@ -7,9 +7,11 @@ cgroup is empty and removed, and then removes the worker's own cgroup directorie
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from contextlib import AsyncExitStack
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -17,10 +19,10 @@ import anyio
 import anyio.abc
 
 from jobworker.errors import (
-    InvalidCommand,
     InvalidLimits,
     JobNotFound,
     LimitNotEnforceable,
+    Unavailable,
     WorkerClosed,
 )
 from jobworker.worker.cgroup import CgroupTree, block_device_of
@@ -37,6 +39,7 @@ from jobworker.worker.models import (
 )
 from jobworker.worker.notify import FileWatcher
 from jobworker.worker.process import job_environment, resolve_program, spawn_in_cgroup
+from jobworker.worker.reaper import OrphanReaper
 
 __all__ = ["Worker"]
 
@@ -66,6 +69,10 @@ class Worker:
         self._io_device: str | None = None
         self._enforceable: frozenset[str] = frozenset()
         self._closing = False
+        # Main processes of jobs, whose exit status asyncio's child watcher collects.
+        self._children: dict[int, asyncio.subprocess.Process] = {}
+        self._spawning = 0
+        self._reaper = OrphanReaper(self.owns_child) if config.reap_orphans else None
 
     # Lifecycle.
 
@@ -75,6 +82,9 @@ class Worker:
             self._logs_dir.mkdir(mode=0o700, exist_ok=True)
             self._cgroups.setup()
             stack.callback(self._cgroups.teardown)
+            if self._reaper is not None:
+                self._reaper.install()
+                stack.callback(self._reaper.uninstall)
             await stack.enter_async_context(self._watcher)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._stop_all)
@@ -166,7 +176,7 @@ class Worker:
             output_fd = create_log(log_path)
             try:
                 # Shielded: once the child exists it must become a job, whoever gave up.
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), self._starting_child():
                     process = await spawn_in_cgroup(
                         program,
                         spec.args,
@@ -174,22 +184,61 @@ class Worker:
                         output_fd=output_fd,
                         env=env,
                     )
+                    self._children[process.pid] = process
             finally:
                 os.close(output_fd)
         except BaseException as exc:
             log_path.unlink(missing_ok=True)
             cgroup.remove()
             if isinstance(exc, OSError):
-                raise InvalidCommand(f"cannot start {spec.program!r}: {exc.strerror}") from exc
+                # The program was checked already: this is the host (no pids, memory or disk
+                # space left), and trying again later may work.
+                log.error("cannot start a job: %s", exc)
+                raise Unavailable(f"the worker cannot start a job now: {exc.strerror}") from exc
             raise
         job = Job(job_id, spec, limits, unenforced, cgroup, process, log_path, self._watcher)
         self._jobs[job_id] = job
-        self._task_group.start_soon(job.supervise)
+        self._task_group.start_soon(self._supervise, job, process)
         log.info(
             "job %s started for %r: %s %s (pid %d)",
             job_id, spec.owner, program, list(spec.args), process.pid,
         )  # fmt: skip
         return job.status()
+
+    async def _supervise(self, job: Job, process: asyncio.subprocess.Process) -> None:
+        try:
+            await job.supervise()
+        finally:
+            if self._children.get(process.pid) is process:
+                del self._children[process.pid]
+            if self._reaper is not None:
+                # The reaper stops at a job's zombie; orphans behind it are reaped now.
+                self._reaper.reap()
+
+    # Orphans (see worker/reaper.py).
+
+    @contextmanager
+    def _starting_child(self) -> Iterator[None]:
+        """While a job's process is being started its pid is unknown: protect every pid."""
+        self._spawning += 1
+        try:
+            yield
+        finally:
+            self._spawning -= 1
+            if self._reaper is not None:
+                self._reaper.reap()
+
+    def owns_child(self, pid: int) -> bool:
+        """Whether the exit status of child ``pid`` belongs to the worker's jobs.
+
+        True for the main process of every job until asyncio's child watcher has collected
+        its exit status, and for every pid while a job's process is being started. The
+        orphan reaper leaves these alone.
+        """
+        if self._spawning:
+            return True
+        process = self._children.get(pid)
+        return process is not None and process.returncode is None
 
     def _effective_limits(self, requested: Limits) -> Limits:
         unavailable = sorted(set(requested.items()) - self._enforceable)
