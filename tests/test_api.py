@@ -9,9 +9,18 @@ from pathlib import Path
 
 import anyio
 import pytest
+from cryptography import x509
 from helpers import open_fds
+from pki import write_client
 
-from jobworker.certs import PkiPaths, init_pki, issue_client
+from jobworker.auth.roles import ROLE_OID, encode_utf8string
+from jobworker.certs import (
+    PkiPaths,
+    create_client_cert,
+    init_pki,
+    issue_client,
+    load_cert_and_key,
+)
 from jobworker.client import Client
 from jobworker.errors import (
     FailedPrecondition,
@@ -45,6 +54,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     paths = init_pki(directory)
     for name in ("alice", "bob"):
         issue_client(directory, name, "user")
+    client_ca = load_cert_and_key(paths.client_ca, paths.client_ca_key)
+    write_client(directory, "nobody", create_client_cert(client_ca, "nobody", None))
+    unknown = x509.UnrecognizedExtension(ROLE_OID, encode_utf8string("root"))
+    weird = create_client_cert(client_ca, "weird", None, extra_extensions=[unknown])
+    write_client(directory, "weird", weird)
     return Pki(paths)
 
 
@@ -117,6 +131,19 @@ async def test_a_user_cannot_see_another_users_jobs(connect: Callable[[str], Cli
         assert [j.id for j in await alice.list()] == [alices.id]
         assert {j.id for j in await admin.list()} == {alices.id, bobs.id}
         assert await read_output(admin, alices.id) == b"secret\n"
+
+
+@pytest.mark.parametrize(("name", "reason"), [("nobody", "no role"), ("weird", "unknown role")])
+async def test_a_certificate_without_a_valid_role_may_do_nothing(
+    connect: Callable[[str], Client], name: str, reason: str
+) -> None:
+    async with connect(name) as client:
+        with pytest.raises(PermissionDenied, match=reason):
+            await client.start("true")
+        with pytest.raises(PermissionDenied, match=reason):
+            await client.list()
+    async with connect("admin") as admin:
+        assert await admin.list() == [], "the refused start started nothing"
 
 
 async def test_bad_requests_get_clear_errors_and_change_nothing(
