@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -183,6 +183,82 @@ def _rmdir(path: Path) -> None:
         raise CgroupError(f"cannot remove cgroup {path}: {exc.strerror}") from exc
 
 
+# Start-up problems, told so that an operator knows what to change (see docs/deploy.md).
+
+_GIVE_A_CGROUP = (
+    "in a container, a private cgroup namespace with a writable cgroup2 mount (docker or "
+    "podman run --cgroupns=private --privileged; Kubernetes: privileged: true); under "
+    "systemd, Delegate=yes; or point --cgroup-root (cgroup_root) at a cgroup directory "
+    "delegated to it. See docs/deploy.md"
+)
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def read_only_message(path: Path) -> str:
+    """Why the worker cannot start on a read-only cgroup2 mount, and what to change."""
+    return (
+        f"cannot create cgroups under {path}: the cgroup2 file system is mounted read-only "
+        "here, so the worker cannot give its jobs cgroups. Give it a writable cgroup of its "
+        f"own: {_GIVE_A_CGROUP}"
+    )
+
+
+def not_writable_error(path: Path, exc: OSError) -> ConfigError:
+    """The start-up error for a cgroup directory the worker cannot create or write."""
+    if exc.errno == errno.EROFS:
+        return ConfigError(read_only_message(path))
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ConfigError(
+            f"cannot write to cgroup {path} ({exc.strerror}): the worker needs a cgroup "
+            f"delegated to it that it may write. Run it as root, with {_GIVE_A_CGROUP}"
+        )
+    return ConfigError(f"cannot set up cgroup {path}: {exc.strerror}")
+
+
+def _other_processes(cgroup: Path) -> list[int]:
+    """The pids in ``cgroup`` other than this process (0: outside our PID namespace)."""
+    try:
+        pids = [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+    return [pid for pid in pids if pid != os.getpid()]
+
+
+def _describe_processes(pids: Sequence[int], limit: int = 5) -> str:
+    outside = sum(1 for pid in pids if pid == 0)
+    visible = [pid for pid in pids if pid != 0]
+    parts = []
+    for pid in visible[:limit]:
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            comm = ""
+        parts.append(f"{pid} ({comm})" if comm else str(pid))
+    if len(visible) > limit:
+        parts.append(f"{len(visible) - limit} more")
+    if outside:
+        parts.append(f"{outside} outside this PID namespace")
+    return ", ".join(parts)
+
+
+def internal_processes_message(
+    cgroup: Path, controllers: Sequence[str], pids: Sequence[int]
+) -> str:
+    """Why the controllers cannot be passed on from ``cgroup``, and what to change."""
+    return (
+        f"cannot enable the {', '.join(controllers)} controllers for jobs: cgroup {cgroup} "
+        f"holds processes that are not the worker's (pids {_describe_processes(pids)}), and "
+        "cgroup v2 lets a cgroup pass controllers to its children only while it holds no "
+        "processes itself (the 'no internal processes' rule). Jobs run without those limits. "
+        "Start the worker as the only process of its cgroup (the entrypoint of a container "
+        "with its own cgroup namespace, or a systemd service with Delegate=yes), or point "
+        "--cgroup-root (cgroup_root) at a delegated cgroup that holds no processes"
+    )
+
+
 class CgroupTree:
     """The cgroup subtree delegated to one worker, and the job cgroups inside it."""
 
@@ -201,13 +277,15 @@ class CgroupTree:
         if not (root / "cgroup.type").exists() and root == mount:
             # The hierarchy's real root: keep out of it and use a subtree of our own.
             root = root / "jobworker"
+        if _read_only(mount):
+            raise ConfigError(read_only_message(mount))
         try:
             root.mkdir(exist_ok=False)
             self._created_root = True
         except FileExistsError:
             pass
         except OSError as exc:
-            raise ConfigError(f"cannot create cgroup {root}: {exc.strerror}") from exc
+            raise not_writable_error(root, exc) from exc
         if not (root / "cgroup.procs").exists():
             raise ConfigError(f"{root} is not a cgroup v2 directory")
         self.root = root
@@ -215,7 +293,10 @@ class CgroupTree:
             self._move_self_to_leaf()
         self._enable_controllers(root)
         self.jobs = root / "jobs"
-        self.jobs.mkdir(exist_ok=True)
+        try:
+            self.jobs.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise not_writable_error(self.jobs, exc) from exc
         self._enable_controllers(self.jobs)
         self.controllers = frozenset(
             (self.jobs / "cgroup.subtree_control").read_text().split()
@@ -223,22 +304,25 @@ class CgroupTree:
 
     def _move_self_to_leaf(self) -> None:
         leaf = self.root / "server"
-        leaf.mkdir(exist_ok=True)
         try:
+            leaf.mkdir(exist_ok=True)
             _write(leaf / "cgroup.procs", str(os.getpid()))
         except OSError as exc:
-            raise ConfigError(
-                f"cannot move the worker into {leaf}: {exc.strerror}; the cgroup must be "
-                "delegated to the worker and writable (systemd Delegate=yes, or a private "
-                "writable cgroup in a container)"
-            ) from exc
+            raise not_writable_error(leaf, exc) from exc
         log.info("moved the worker into cgroup %s", leaf)
 
     def _enable_controllers(self, cgroup: Path) -> None:
         offered = set((cgroup / "cgroup.controllers").read_text().split())
-        for name in CONTROLLERS:
-            if name not in offered:
-                continue
+        enabled = set((cgroup / "cgroup.subtree_control").read_text().split())
+        wanted = [name for name in CONTROLLERS if name in offered and name not in enabled]
+        if not wanted:
+            return
+        others = _other_processes(cgroup)
+        if others:
+            # One clear warning instead of one EBUSY per controller.
+            log.warning("%s", internal_processes_message(cgroup, wanted, others))
+            return
+        for name in wanted:
             try:
                 _write(cgroup / "cgroup.subtree_control", f"+{name}")
             except OSError as exc:

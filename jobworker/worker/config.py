@@ -18,6 +18,10 @@ class WorkerConfig:
     ``cgroup_root`` is the cgroup v2 directory delegated to the worker; ``None`` means the
     worker's own cgroup (see ``docs/design.md``). ``io_device`` is the ``MAJOR:MINOR`` of the
     block device that I/O limits apply to; ``None`` means the device holding ``data_dir``.
+    ``reap_orphans`` makes the worker collect the exit status of every child process that is
+    not one of its jobs' main processes (see ``worker/reaper.py``): turn it on when this
+    process is a child subreaper or PID 1 and the worker is the only part of it that starts
+    child processes.
     """
 
     data_dir: Path
@@ -27,6 +31,7 @@ class WorkerConfig:
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
     io_device: str | None = None
+    reap_orphans: bool = False
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:
