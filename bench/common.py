@@ -43,13 +43,20 @@ class Context:
     workspace: Workspace
     python: str = sys.executable  # runs the server and the writer/ticker jobs
     chunk_size: int | None = None  # None: the server's default
+    server_nofile: int | None = None  # the server's soft open-file limit; None: inherited
 
     @property
     def effective_chunk(self) -> int:
         return self.chunk_size or DEFAULT_CHUNK
 
     def server(self, name: str) -> ServerProcess:
-        return ServerProcess(self.workspace, name, python=self.python, chunk_size=self.chunk_size)
+        return ServerProcess(
+            self.workspace,
+            name,
+            python=self.python,
+            chunk_size=self.chunk_size,
+            nofile=self.server_nofile,
+        )
 
 
 @dataclass(frozen=True)

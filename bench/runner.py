@@ -33,6 +33,26 @@ SECTIONS: dict[str, Measure] = {
 }
 
 
+def describe(exc: BaseException) -> str:
+    """The distinct errors in an exception, its groups and the errors it was raised during."""
+    seen: list[str] = []
+
+    def walk(e: BaseException | None, depth: int = 0) -> None:
+        if e is None or depth > 10:
+            return
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub, depth + 1)
+        else:
+            text = f"{type(e).__name__}: {e}"
+            if text not in seen:
+                seen.append(text)
+        walk(e.__cause__ or e.__context__, depth + 1)
+
+    walk(exc)
+    return "; then ".join(reversed(seen[:4]))  # the first failure first
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     size = parser.add_mutually_exclusive_group()
@@ -75,6 +95,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="interpreter (with jobworker installed) for the server and jobs",
     )
     parser.add_argument(
+        "--server-nofile",
+        type=int,
+        default=None,
+        help="the server's soft open-file limit, as under `ulimit -n` [default: the hard limit]",
+    )
+    parser.add_argument(
         "--cgroup-parent",
         type=Path,
         default=None,
@@ -96,8 +122,8 @@ async def _run(args: argparse.Namespace) -> list[Section]:
     assert main is not None
     loop.add_signal_handler(signal.SIGTERM, main.cancel)  # clean up as on Ctrl-C
     sections = []
-    with Workspace(args.cgroup_parent) as workspace:
-        ctx = Context(args.mode, workspace, args.server_python, args.chunk_size)
+    with Workspace(args.cgroup_parent, args.out) as workspace:
+        ctx = Context(args.mode, workspace, args.server_python, args.chunk_size, args.server_nofile)
         for name, measure in SECTIONS.items():
             if args.only and name not in args.only:
                 continue
@@ -108,7 +134,7 @@ async def _run(args: argparse.Namespace) -> list[Section]:
             try:
                 await measure(ctx, section)
             except Exception as exc:  # noqa: BLE001 - reported, and the run exits 1
-                section.error = f"{type(exc).__name__}: {exc}"
+                section.error = describe(exc) + f" (server logs in {args.out}/)"
                 traceback.print_exc()
             section.seconds = time.perf_counter() - t0
             section.background_cores = MachineCpu.now().others_since(cpu0) / section.seconds

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -65,7 +66,8 @@ def _remove_cgroup(path: Path) -> None:
 class Workspace:
     """Scratch files, a PKI and a cgroup directory for the whole run."""
 
-    def __init__(self, cgroup_parent: Path | None = None) -> None:
+    def __init__(self, cgroup_parent: Path | None = None, logs: Path | None = None) -> None:
+        self.logs = logs  # where each server's log is copied when it stops
         self.root = Path(tempfile.mkdtemp(prefix="jobworker-bench-"))
         parent = cgroup_parent or find_cgroup2_mount()
         self.cgroup = parent / f"jobworker-bench-{os.getpid()}"
@@ -111,6 +113,7 @@ class ServerProcess:
         *,
         python: str = sys.executable,
         chunk_size: int | None = None,
+        nofile: int | None = None,
     ) -> None:
         self.workspace = workspace
         self.name = name
@@ -119,6 +122,7 @@ class ServerProcess:
         self.log_path = workspace.root / f"{name}-server.log"
         self._python = python
         self._chunk_size = chunk_size
+        self._nofile = nofile
         self._process: asyncio.subprocess.Process | None = None
         self.port = 0
 
@@ -156,6 +160,9 @@ class ServerProcess:
                 start_new_session=True,  # a Ctrl-C reaches the benchmark, which stops it
             )
         try:
+            if self._nofile is not None:  # as if started under `ulimit -n NOFILE`
+                _, hard = resource.prlimit(self.pid, resource.RLIMIT_NOFILE)
+                resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (self._nofile, hard))
             self.port = await self._wait_serving()
         except BaseException:
             await self._stop()
@@ -209,4 +216,7 @@ class ServerProcess:
         finally:
             # Whatever happened above: no job and no cgroup of this server stays behind.
             remove_cgroup_tree(self.cgroup_root)
+            if self.workspace.logs is not None and self.log_path.exists():
+                self.workspace.logs.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.log_path, self.workspace.logs / self.log_path.name)
             shutil.rmtree(self.data_dir, ignore_errors=True)
