@@ -34,6 +34,7 @@ from jobworker._proto_convert import (
     limits_to_proto,
     status_from_proto,
 )
+from jobworker.client.channel import open_channel
 from jobworker.client.tls import client_ssl_context
 from jobworker.errors import JobworkerError, Unavailable, error_from_status
 from jobworker.worker.models import JobSpec, JobStatus, Limits, OutputChunk
@@ -67,7 +68,7 @@ class Client:
         self._stub: pb.WorkerStub | None = None
 
     async def __aenter__(self) -> Client:
-        self._channel = Channel(self.host, self.port, ssl=self._ssl)
+        self._channel = open_channel(self.host, self.port, self._ssl)
         self._stub = pb.WorkerStub(self._channel, timeout=self._timeout)
         return self
 

@@ -1,0 +1,59 @@
+"""The client's connections accept large HTTP/2 frames, and large chunks arrive intact."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from jobworker.certs import PkiPaths, init_pki
+from jobworker.client import Client
+from jobworker.client.channel import MAX_FRAME_SIZE
+from jobworker.server.app import JobworkerServer, ServerConfig
+from jobworker.worker import WorkerConfig
+
+pytestmark = pytest.mark.anyio
+
+WRITE_3_MIB = "import os\nfor i in range(48): os.write(1, bytes([i]) * 65536)"
+
+
+@pytest.fixture
+async def served(tmp_path: Path, cgroup_root: Path) -> AsyncIterator[tuple[int, PkiPaths]]:
+    pki = init_pki(tmp_path / "pki")
+    worker = WorkerConfig(
+        data_dir=tmp_path / "data",
+        cgroup_root=cgroup_root,
+        stop_grace=2.0,
+        chunk_size=512 * 1024,
+    )
+    config = ServerConfig(
+        worker=worker,
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        client_ca=pki.client_ca,
+        port=0,
+    )
+    async with JobworkerServer(config) as server:
+        yield server.port, pki
+
+
+async def test_large_chunks_arrive_whole_in_order(served: tuple[int, PkiPaths]) -> None:
+    port, pki = served
+    client = Client("127.0.0.1", port, cert=pki.admin_cert, key=pki.admin_key, ca=pki.server_ca)
+    async with client:
+        job = await client.start(sys.executable, ["-c", WRITE_3_MIB])
+        received = bytearray()
+        sizes = []
+        async with client.output(job.id) as output:
+            while (chunk := await output.next_chunk()) is not None:
+                assert chunk.offset == len(received)
+                received += chunk.data
+                sizes.append(len(chunk.data))
+        assert bytes(received) == b"".join(bytes([i]) * 65536 for i in range(48))
+        assert max(sizes) > 16 * 1024
+        # The server acknowledged the client's setting: it may send frames this large.
+        channel = client.stub.channel
+        h2 = channel._protocol.connection._connection  # type: ignore[union-attr]
+        assert h2.local_settings.max_frame_size == MAX_FRAME_SIZE
