@@ -323,7 +323,7 @@ def serve_command(
     ] = 10.0,
     chunk_size: Annotated[
         int, typer.Option(envvar="JOBWORKER_CHUNK_SIZE", help="Largest output chunk in bytes.")
-    ] = 64 * 1024,
+    ] = 256 * 1024,
     default_memory: Annotated[
         str | None,
         typer.Option(envvar="JOBWORKER_DEFAULT_MEMORY", help="Memory limit of jobs that set none."),

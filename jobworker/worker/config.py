@@ -26,7 +26,7 @@ class WorkerConfig:
 
     data_dir: Path
     cgroup_root: Path | None = None
-    chunk_size: int = 64 * 1024
+    chunk_size: int = 256 * 1024  # fewer, larger messages: see docs/performance.md
     stop_grace: float = 10.0
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = field(default_factory=Limits)
