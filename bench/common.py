@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bench.server import ServerProcess, Workspace
+from jobworker.worker import WorkerConfig
 
 T = TypeVar("T")
 
@@ -18,7 +19,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 WRITER = BENCH_DIR / "writer.py"
 TICKER = BENCH_DIR / "ticker.py"
-DEFAULT_CHUNK = 64 * 1024  # the server's default chunk size (WorkerConfig.chunk_size)
+# The server's default chunk size, which the baselines read with when none is given.
+DEFAULT_CHUNK = WorkerConfig(data_dir=Path()).chunk_size
 
 
 @dataclass(frozen=True)
