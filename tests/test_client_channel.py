@@ -57,3 +57,13 @@ async def test_large_chunks_arrive_whole_in_order(served: tuple[int, PkiPaths]) 
         channel = client.stub.channel
         h2 = channel._protocol.connection._connection  # type: ignore[union-attr]
         assert h2.local_settings.max_frame_size == MAX_FRAME_SIZE
+
+
+@pytest.mark.parametrize("size", [0, 1, 10, 11, 100_000])
+def test_data_frame_repr_is_hyperframes_without_the_full_hexdump(size: int) -> None:
+    from hyperframe.frame import DataFrame, _raw_data_repr
+
+    from jobworker.client.channel import _data_frame_body_repr
+
+    frame = DataFrame(1, bytes(range(256)) * (size // 256) + bytes(range(size % 256)))
+    assert _data_frame_body_repr(frame) == _raw_data_repr(frame.serialize_body())

@@ -5,17 +5,25 @@ default is 16 KiB and grpclib never changes it. The server then cuts every outpu
 16 KiB frames, and both ends handle each frame in Python (h2), which is most of the cost of
 streaming output. A client that accepts frames of up to :data:`MAX_FRAME_SIZE` receives each
 chunk in one frame.
+
+h2 also builds, for its trace log and whether or not anything logs, the ``repr`` of every
+frame it receives; for a DATA frame that copies the whole body and hex-encodes it, only to
+keep the first 10 bytes. :func:`open_channel` replaces that ``repr`` (of hyperframe's
+``DataFrame``, in the whole process) with one that hex-encodes just those bytes, and gives the
+same text for unpadded frames, the only kind gRPC sends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import ssl
 from typing import Final
 
 from grpclib.client import Channel, Handler
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
 
 __all__ = ["MAX_FRAME_SIZE", "open_channel"]
 
@@ -34,6 +42,14 @@ class _Channel(Channel):
         return _LargeFrames(Handler(), self._config, self._h2_config)
 
 
+def _data_frame_body_repr(frame: DataFrame) -> str:
+    if not frame.data:
+        return "None"
+    head = binascii.hexlify(bytes(frame.data[:11])).decode("ascii")
+    return "<hex:" + (head[:20] + "..." if len(head) > 20 else head) + ">"
+
+
 def open_channel(host: str, port: int, ssl_context: ssl.SSLContext) -> Channel:
     """A grpclib channel to ``host:port`` whose connections accept large DATA frames."""
+    DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
     return _Channel(host, port, ssl=ssl_context)
