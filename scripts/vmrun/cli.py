@@ -28,6 +28,10 @@ Environment inside: PATH (the caller's, followed by the standard directories), H
 LC_ALL, LC_CTYPE, TERM, TZ, PYENV_ROOT, PYENV_VERSION and CI when set, the --env variables, and
 JOBWORKER_VM=1. With --disk also JOBWORKER_VM_DISK=/mnt/vmdisk (an empty ext2 file system on a
 fresh 256 MiB virtio disk) and JOBWORKER_VM_DISK_DEV=MAJ:MIN (its block device, for io.max).
+
+Network: loopback is always up. With --forward the guest also has eth0 (10.0.2.15) and
+reaches nothing outside; only the forwarded ports connect in. The kernel console goes to a log
+file in a temporary run directory; on failure vm-run prints its path and keeps it.
 """
 
 EPILOG = """\

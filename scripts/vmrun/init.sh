@@ -135,8 +135,10 @@ stage2() {
 
     cd "$JOB_CWD" || fail "cd $JOB_CWD"
     echo booted >"$STATUS_PORT"
-    env -i "$RUN/busybox" sh -c ". $RUN/env.sh && exec \"\$@\"" vm-run "$@" \
-        </dev/null >"$out_port" 2>"$err_port"
+    # The command's own shell redirects its stdio: a redirection here would also catch this
+    # shell's "Killed" notice when a signal ends the command.
+    redirect="</dev/null >$out_port 2>$err_port"
+    env -i "$RUN/busybox" sh -c ". $RUN/env.sh && exec \"\$@\" $redirect" vm-run "$@"
     echo "exit $?" >"$STATUS_PORT"
     sync
     poweroff -f
