@@ -102,9 +102,10 @@ def proto(session: nox.Session) -> None:
 
 
 def _vm_pytest_args(posargs: list[str]) -> list[str]:
-    """tests/vm unless the arguments already name test paths (`nox -s vm -- tests/x.py::t -x`)."""
+    """The VM tier (tests/vm and every test that needs a cgroup controller), unless the
+    arguments name test paths themselves (`nox -s vm -- tests/x.py::t -x`)."""
     names_paths = any(Path(arg.split("::")[0]).exists() for arg in posargs)
-    return posargs if names_paths else ["tests/vm", *posargs]
+    return posargs if names_paths else ["tests", "-m", "vm or needs_controller", *posargs]
 
 
 @nox.session(python="3.11")

@@ -21,6 +21,13 @@ from jobworker.worker.cgroup import CONTROLLERS, find_cgroup2_mount
 IN_VM = os.environ.get("JOBWORKER_VM") == "1"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    vm_dir = Path(__file__).parent / "vm"
+    for item in items:
+        if vm_dir in item.path.parents:
+            item.add_marker(pytest.mark.vm)
+
+
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
