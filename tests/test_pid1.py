@@ -69,6 +69,13 @@ def zombie_children(parent: int) -> list[int]:
     return zombies
 
 
+def command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
 def children(parent: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -376,13 +383,19 @@ def test_serve_as_pid_1_reaps_orphans_and_exits_0_on_sigterm(
     assert started.returncode == 0, started.stderr
     job_id = started.stdout.decode().strip()
     job_procs = cgroup_root / "jobs" / job_id / "cgroup.procs"
-    wait_until(lambda: len(job_procs.read_text().split()) == 2, what="the orphan in the job")
-    [orphan] = [
-        int(pid)
-        for pid in job_procs.read_text().split()
-        if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x002\x00"
-    ]
-    assert proc_stat(orphan) == ("S", server.pid)  # reparented to the server
+    found: list[int] = []
+
+    def orphan_found() -> bool:
+        found[:] = [
+            int(pid)
+            for pid in job_procs.read_text().split()
+            if command_line(int(pid)) == ["sleep", "2"] and proc_stat(int(pid)) is not None
+        ]
+        return bool(found)
+
+    wait_until(orphan_found, what="the orphan in the job's cgroup")
+    orphan = found[0]
+    wait_until(lambda: (proc_stat(orphan) or ("", 0))[1] == server.pid, what="reparenting")
     wait_until(lambda: proc_stat(orphan) is None, what="the orphan to be reaped")
     assert zombie_children(server.pid) == []
     assert server.cli("status", job_id).returncode == 0  # the job still runs
