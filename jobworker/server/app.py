@@ -74,9 +74,14 @@ def parse_listen(text: str) -> tuple[str, int]:
 def _listening_socket(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family, reuse_port=False)
+        sock = socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    # create_server leaves the protocol number 0, and accepted sockets inherit it; asyncio and
+    # grpclib turn off Nagle's algorithm (TCP_NODELAY) only on sockets that say IPPROTO_TCP.
+    # With Nagle on, the second of two small writes (a response's headers, then its first
+    # message) waits for the client's delayed ACK: 40 ms.
+    return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
 class JobworkerServer:

@@ -1,0 +1,42 @@
+"""The server's connections send small writes at once (TCP_NODELAY)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from jobworker.certs import init_pki
+from jobworker.client import Client
+from jobworker.server.app import JobworkerServer, ServerConfig, _listening_socket
+from jobworker.worker import WorkerConfig
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_listening_socket_says_tcp() -> None:
+    with _listening_socket("127.0.0.1", 0) as sock:
+        assert sock.proto == socket.IPPROTO_TCP  # what asyncio checks before TCP_NODELAY
+
+
+async def test_accepted_connections_have_nagle_off(tmp_path: Path, cgroup_root: Path) -> None:
+    pki = init_pki(tmp_path / "pki")
+    config = ServerConfig(
+        worker=WorkerConfig(data_dir=tmp_path / "data", cgroup_root=cgroup_root),
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        client_ca=pki.client_ca,
+        port=0,
+    )
+    async with JobworkerServer(config) as server:
+        client = Client(
+            "127.0.0.1", server.port, cert=pki.admin_cert, key=pki.admin_key, ca=pki.server_ca
+        )
+        async with client:
+            await client.list()
+            connections = list(server._connections)
+            assert connections
+            for transport in connections:
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
