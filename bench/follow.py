@@ -1,7 +1,8 @@
 """Follow latency: how long after a job writes a line a following client receives it.
 
-A job (``ticker.py``) writes ``<n> <time.time_ns()>`` every 10 ms; both processes read the
-same CLOCK_REALTIME. jobworker: a client follows the job over gRPC. Baseline: a second ticker
+A job (``ticker.py``) writes ``<n> <time.time_ns()>`` every 10 ms, starting 1 s after it
+started (so the follower is attached and waiting); both processes read the same
+CLOCK_REALTIME. jobworker: a client follows the job over gRPC. Baseline: a second ticker
 job's log file followed directly in this process, woken by inotify (watch first, then read to
 the end after every event) — what the kernel's notification costs without gRPC or TLS.
 """
@@ -21,6 +22,7 @@ from bench.server import BenchError
 from bench.stats import percentile
 
 PERIOD = 0.01
+DELAY = 1.0  # before the first line: the follower is attached and waiting by then
 
 
 class _Lines:
@@ -59,8 +61,8 @@ async def _follow_file(path: Path, count: int) -> list[float]:
 
 async def measure(ctx: Context, out: Section) -> None:
     count = ctx.mode.follow_lines
-    args = ["-I", str(TICKER), str(count), str(PERIOD)]
-    timeout = count * PERIOD * 3 + 10
+    args = ["-I", str(TICKER), str(count), str(PERIOD), str(DELAY)]
+    timeout = DELAY + count * PERIOD * 3 + 10
     async with ctx.server("follow") as server, server.client() as client:
         lines = _Lines()
         job = await client.start(ctx.python, args)

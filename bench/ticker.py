@@ -1,4 +1,8 @@
-"""A job that writes ``COUNT`` lines ``<n> <time.time_ns()>``, one every ``PERIOD`` seconds."""
+"""A job that writes ``COUNT`` lines ``<n> <time.time_ns()>``, one every ``PERIOD`` seconds.
+
+It waits ``DELAY`` seconds before the first line, so that a follower that attaches after the
+start is already waiting: the delays measured are those of live output, not of catching up.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import sys
 import time
 
 
-def main(count: int, period: float) -> None:
+def main(count: int, period: float, delay: float) -> None:
+    time.sleep(delay)
     due = time.monotonic()
     for n in range(count):
         os.write(1, b"%d %d\n" % (n, time.time_ns()))
@@ -18,4 +23,4 @@ def main(count: int, period: float) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), float(sys.argv[2]))
+    main(int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]))
