@@ -427,6 +427,8 @@ def test_a_cgroup_with_other_processes_gives_one_warning_naming_them_and_the_rul
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
+    comm = Path(f"/proc/{sleeper.pid}/comm")
+    wait_until(lambda: comm.read_text() == "sleep\n", what="the exec")  # comm changes late
     try:
         fake = fake_cgroup(
             tmp_path / "ns-root", "cpu io memory pids", f"0\n{sleeper.pid}\n{os.getpid()}\n"
