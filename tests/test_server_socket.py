@@ -1,4 +1,4 @@
-"""The server's connections send small writes at once (TCP_NODELAY)."""
+"""The server's sockets: small writes go out at once (TCP_NODELAY); enough descriptors."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ async def test_accepted_connections_have_nagle_off(tmp_path: Path, cgroup_root: 
             for transport in connections:
                 sock = transport.get_extra_info("socket")
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_serve_raises_the_soft_open_file_limit_to_the_hard_one() -> None:
+    import resource
+
+    from jobworker.server.app import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"needs a finite hard limit above 1024, not {hard}")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+        assert raise_open_file_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
