@@ -67,3 +67,28 @@ def test_data_frame_repr_is_hyperframes_without_the_full_hexdump(size: int) -> N
 
     frame = DataFrame(1, bytes(range(256)) * (size // 256) + bytes(range(size % 256)))
     assert _data_frame_body_repr(frame) == _raw_data_repr(frame.serialize_body())
+
+
+async def test_leaving_a_stream_the_server_already_failed_raises_its_error(
+    served: tuple[int, PkiPaths],
+) -> None:
+    """Not h2's StreamClosedError, nor grpclib's GRPCError: the library's own exception."""
+    import anyio
+
+    from jobworker.errors import JobNotFound
+
+    port, pki = served
+    client = Client("127.0.0.1", port, cert=pki.admin_cert, key=pki.admin_key, ca=pki.server_ca)
+
+    async def leave_unread(body_error: Exception | None) -> None:
+        async with client.output("3f2b8c1e-7d4a-4e6b-9c2d-1a5f0e9b7c34"):
+            await anyio.sleep(0.3)  # the server's NOT_FOUND arrives; nobody reads it
+            if body_error is not None:
+                raise body_error
+
+    async with client:
+        with pytest.raises(JobNotFound):
+            await leave_unread(None)
+        with pytest.raises(KeyError):  # the body's own error wins
+            await leave_unread(KeyError("body"))
+        assert await client.list() == []  # the connection is still fine

@@ -17,6 +17,7 @@ back to the library's exception tree, and a server that cannot be reached is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
@@ -27,6 +28,7 @@ from typing import TypeVar
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from h2.exceptions import StreamClosedError
 
 from jobworker._proto.jobworker import v1 as pb
 from jobworker._proto_convert import (
@@ -172,8 +174,17 @@ class OutputReader:
     ) -> None:
         stream, self._stream = self._stream, None
         if stream is not None and not self._finished:
-            await stream.cancel()  # left before the end: end the call now, do not drain it
-        await self._stack.aclose()
+            # Left before the end: end the call now, do not drain it. The server may have
+            # ended it already (an error nobody read yet); then there is nothing to cancel.
+            with contextlib.suppress(StreamClosedError):
+                await stream.cancel()
+        try:
+            with self._client._errors():
+                await self._stack.aclose()  # raises the status of a call the server failed
+        except JobworkerError:
+            if exc is None:
+                raise
+            # else the body's own exception is the one to see
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
