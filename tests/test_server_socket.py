@@ -45,7 +45,7 @@ async def test_accepted_connections_have_nagle_off(tmp_path: Path, cgroup_root: 
 def test_serve_raises_the_soft_open_file_limit_to_the_hard_one() -> None:
     import resource
 
-    from jobworker.server.app import raise_open_file_limit
+    from jobworker.server.tuning import raise_open_file_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 1024:
@@ -56,3 +56,21 @@ def test_serve_raises_the_soft_open_file_limit_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_tune_malloc_applies_unless_the_administrator_tuned_it() -> None:
+    import os
+    import subprocess
+    import sys
+
+    def tune_malloc_in_a_child(env: dict[str, str]) -> str:
+        code = "from jobworker.server.tuning import tune_malloc; print(tune_malloc())"
+        child = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        return child.stdout.strip()
+
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and "MALLOC_" not in k}
+    assert tune_malloc_in_a_child(env) == "True"
+    env["GLIBC_TUNABLES"] = "glibc.malloc.mmap_threshold=1048576"
+    assert tune_malloc_in_a_child(env) == "False"

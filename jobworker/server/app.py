@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import signal
 import socket
 import weakref
@@ -37,6 +36,7 @@ from jobworker.errors import ConfigError
 from jobworker.server.service import WorkerService
 from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
+from jobworker.server.tuning import raise_open_file_limit, tune_malloc
 from jobworker.worker import Worker, WorkerConfig
 from jobworker.worker.reaper import set_child_subreaper
 
@@ -154,26 +154,6 @@ class JobworkerServer:
         log.info("connections closed; stopping jobs")
 
 
-def raise_open_file_limit() -> int:
-    """Raise this process's soft open-file limit to its hard limit; return the soft limit.
-
-    Every job holds descriptors (a pidfd, and on Python 3.12+ asyncio's own pidfd), and every
-    output stream one for its log file: at the usual soft limit of 1024, some 1,000 jobs with
-    followers end in EMFILE. The hard limit is the ceiling the administrator set.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-            return soft
-        log.info("raised the open-file limit from %d to %d", soft, target)
-        return target
-    return soft
-
-
 async def serve(config: ServerConfig) -> None:
     """Run the server until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -184,6 +164,7 @@ async def serve(config: ServerConfig) -> None:
     """
     set_child_subreaper()
     raise_open_file_limit()
+    tune_malloc()
     config = replace(config, worker=replace(config.worker, reap_orphans=True))
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         if (held := held_stop_signal()) is not None:
