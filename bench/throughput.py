@@ -14,6 +14,7 @@ byte checked against the pattern on every path:
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import ssl
 import subprocess
@@ -47,12 +48,19 @@ class PatternChecker:
             pos += take
 
 
-async def _stream(client: Client, job_id: str, checker: PatternChecker) -> tuple[int, float]:
-    """Stream a job's whole output; (bytes after the first chunk, seconds since it came)."""
+async def _stream(
+    client: Client, job_id: str, checker: PatternChecker, first_at: list[int] | None = None
+) -> tuple[int, float]:
+    """Stream a job's whole output; (bytes after the first chunk, seconds since it came).
+
+    ``first_at`` gets the wall-clock time (ns) at which the first chunk came.
+    """
     async with client.output(job_id) as output:
         first = await output.next_chunk()
         if first is None:
             return 0, 0.0
+        if first_at is not None:
+            first_at.append(time.time_ns())
         checker.check(first.offset, first.data)
         t0 = time.perf_counter()
         while (chunk := await output.next_chunk()) is not None:
@@ -123,11 +131,12 @@ async def measure(ctx: Context, out: Section) -> None:
         # Live: follow the writer from its first byte.
         live = _Measured(server.pid)
         job_ids: list[str] = []
+        first_at: list[int] = []
 
         async def live_run() -> tuple[int, float | None]:
             job = await client.start(ctx.python, ["-I", str(WRITER), str(total)])
             job_ids.append(job.id)
-            return await _stream(client, job.id, checker)
+            return await _stream(client, job.id, checker, first_at)
 
         for _ in range(ctx.mode.repeats):
             await live.run(live_run)
@@ -135,6 +144,9 @@ async def measure(ctx: Context, out: Section) -> None:
         final = await client.status(job_id)
         if final.exit_code != 0:
             raise BenchError(f"the writer job ended {final.state.name} ({final.exit_code})")
+        # From the first byte the follower got to the job's last write (the log's mtime).
+        writing = (server.log_file(job_id).stat().st_mtime_ns - first_at[-1]) / 1e9
+        writer_rate = mib_per_s(total, writing)
         for other in job_ids[:-1]:  # only one log file of this size stays on disk
             server.log_file(other).unlink()
         log_path = server.log_file(job_id)
@@ -211,6 +223,14 @@ async def measure(ctx: Context, out: Section) -> None:
     file_rate = median(file_rates)
     tls_name = "plain TLS 1.3 socket"
     out.add("1 client, live", live.rate, "MiB/s", tls_rate, tls_name, live.note())
+    out.add(
+        "the job writing it",
+        writer_rate,
+        "MiB/s",
+        note="its first byte to its last write: what a live stream can keep up with"
+        if not math.isnan(writer_rate)
+        else "it had written everything before the first byte arrived",
+    )
     out.add("1 client, finished job", finished.rate, "MiB/s", tls_rate, tls_name, finished.note())
     out.add("1 client, finished job", finished.rate, "MiB/s", file_rate, "plain file reads")
     out.add("plain TLS 1.3 socket", tls_rate, "MiB/s", file_rate, "plain file reads", tls.note())
@@ -219,6 +239,7 @@ async def measure(ctx: Context, out: Section) -> None:
         "mib": ctx.mode.throughput_mib,
         "chunk_bytes": chunk,
         "live_mib_s": live.rates,
+        "writer_mib_s": writer_rate,
         "finished_mib_s": finished.rates,
         "file_mib_s": file_rates,
         "tls_mib_s": tls.rates,
