@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     soft, hard = raise_nofile()
     t0 = time.perf_counter()
-    sections = asyncio.run(_run(args))
+    try:
+        sections = asyncio.run(_run(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM (see _run)
+        print("interrupted: servers stopped, jobs and cgroups removed", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - t0
     info: dict[str, object] = {
         "machine": machine(),
