@@ -14,7 +14,7 @@ PROTO_OUT = "jobworker/_proto"
 
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.reuse_existing_virtualenvs = True
-nox.options.sessions = ["lint", "typecheck", "proto", "tests"]
+nox.options.sessions = ["lint", "typecheck", "proto", "tests", "vm", "bench"]
 
 
 def _add_pyenv_pythons() -> None:
