@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from jobworker.certs import PkiPaths
 from jobworker.worker import Worker
+
+JOBWORKER = [sys.executable, "-m", "jobworker"]
 
 
 def open_fds() -> set[int]:
@@ -13,13 +22,54 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, ppid) of ``pid`` as this PID namespace sees it, or None once it is reaped."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], int(fields[1])
+
+
 def pid_exists(pid: int) -> bool:
     """Whether a process with this pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], log: Path, timeout: float = 30
+) -> None:
+    """Wait until a server process accepts connections; fail with its log if it dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+
+
+def client_env(port: int, data_dir: Path) -> dict[str, str]:
+    """The environment of a CLI that calls the server on ``port`` as its PKI's admin."""
+    pki = PkiPaths.in_dir(data_dir / "pki")
+    return {
+        **os.environ,
+        "JOBWORKER_SERVER": f"127.0.0.1:{port}",
+        "JOBWORKER_CERT": str(pki.admin_cert),
+        "JOBWORKER_KEY": str(pki.admin_key),
+        "JOBWORKER_CA": str(pki.server_ca),
+    }
 
 
 def job_cgroups(worker: Worker) -> list[str]:

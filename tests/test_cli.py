@@ -5,25 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from jobworker.certs import PkiPaths
-
-JOBWORKER = [sys.executable, "-m", "jobworker"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from helpers import JOBWORKER, client_env, free_port, wait_listening
 
 
 @dataclass
@@ -37,19 +25,6 @@ class Served:
         return subprocess.run(
             [*JOBWORKER, *args], env=self.env, capture_output=True, timeout=timeout, check=False
         )
-
-
-def wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited early:\n{log.read_text()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"the server did not listen within 20 s:\n{log.read_text()}")
 
 
 @pytest.fixture
@@ -69,15 +44,7 @@ def served(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
         process = subprocess.Popen([*JOBWORKER, "serve"], env=server_env, stdout=sink, stderr=sink)
     try:
         wait_listening(port, process, log)
-        pki = PkiPaths.in_dir(data_dir / "pki")
-        client_env = {
-            **os.environ,
-            "JOBWORKER_SERVER": f"127.0.0.1:{port}",
-            "JOBWORKER_CERT": str(pki.admin_cert),
-            "JOBWORKER_KEY": str(pki.admin_key),
-            "JOBWORKER_CA": str(pki.server_ca),
-        }
-        yield Served(process, client_env, data_dir, log)
+        yield Served(process, client_env(port, data_dir), data_dir, log)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

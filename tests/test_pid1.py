@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,8 +28,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from helpers import JOBWORKER, client_env, free_port, proc_stat, wait_listening
 
-from jobworker.certs import PkiPaths
 from jobworker.cli import command_name
 from jobworker.errors import ConfigError
 from jobworker.server import signals
@@ -44,20 +43,7 @@ from jobworker.worker.cgroup import (
 )
 from jobworker.worker.reaper import OrphanReaper, is_child_subreaper, set_child_subreaper
 
-JOBWORKER = [sys.executable, "-m", "jobworker"]
-
-
 # Processes as the kernel reports them.
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of ``pid``, or None if it does not exist (reaped)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
 
 
 def zombie_children(parent: int) -> list[int]:
@@ -265,9 +251,7 @@ def test_a_stop_signal_during_start_up_ends_serve_before_it_serves(
 
 @pytest.fixture
 def unused_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def caught_signals(pid: int) -> int:
@@ -333,24 +317,8 @@ def pid1_server(tmp_path: Path, cgroup_root: Path, unused_tcp_port: int) -> Iter
         )
     try:
         server = find_child(unshare.pid)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", unused_tcp_port), timeout=0.2).close()
-                break
-            except OSError:
-                if unshare.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the server did not start:\n{log.read_text()}")
-                time.sleep(0.05)
-        pki = PkiPaths.in_dir(data_dir / "pki")
-        client_env = {
-            **os.environ,
-            "JOBWORKER_SERVER": f"127.0.0.1:{unused_tcp_port}",
-            "JOBWORKER_CERT": str(pki.admin_cert),
-            "JOBWORKER_KEY": str(pki.admin_key),
-            "JOBWORKER_CA": str(pki.server_ca),
-        }
-        yield PidOne(unshare, server, client_env, log)
+        wait_listening(unused_tcp_port, unshare, log)
+        yield PidOne(unshare, server, client_env(unused_tcp_port, data_dir), log)
     finally:
         if unshare.poll() is None:
             os.kill(server, signal.SIGKILL)

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import JOBWORKER, client_env, free_port, wait_listening
 
-from jobworker.certs import PkiPaths
 from jobworker.client import Client
 from jobworker.worker import JobState, Limits
 from jobworker.worker.cgroup import find_cgroup2_mount
@@ -29,13 +27,6 @@ pytestmark = [
     pytest.mark.skipif(not IN_VM, reason="VM tier: runs only inside scripts/vm-run"),
     pytest.mark.anyio,
 ]
-JOBWORKER = [sys.executable, "-m", "jobworker"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -72,24 +63,8 @@ def delegated(
         stderr=log,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail((tmp_path / "serve.log").read_text())
-                time.sleep(0.1)
-        pki = PkiPaths.in_dir(data_dir / "pki")
-        client_env = {
-            **os.environ,
-            "JOBWORKER_SERVER": f"127.0.0.1:{port}",
-            "JOBWORKER_CERT": str(pki.admin_cert),
-            "JOBWORKER_KEY": str(pki.admin_key),
-            "JOBWORKER_CA": str(pki.server_ca),
-        }
-        yield cgroup, process, client_env
+        wait_listening(port, process, tmp_path / "serve.log", timeout=120)
+        yield cgroup, process, client_env(port, data_dir)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from helpers import JOBWORKER, free_port, proc_stat, wait_listening
 
 from jobworker.certs import PkiPaths
 from jobworker.client import Client
@@ -51,16 +51,6 @@ if [ "$CONTAINER_CGROUP_RO" = 1 ]; then mount -o remount,bind,ro /sys/fs/cgroup 
 read -r go || exit 92
 exec "$@"
 """
-
-
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, ppid) of ``pid`` as this (the VM's) PID namespace sees it; None once reaped."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return fields[0], int(fields[1])
 
 
 def pids_in(procs: Path) -> list[int]:
@@ -97,12 +87,6 @@ async def async_wait_until(condition: Callable[[], object], what: str) -> None:
             await anyio.sleep(0.02)
         return
     pytest.fail(f"timed out after 30 s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -175,7 +159,7 @@ def container(
     log = tmp_path / "serve.log"
     join_cgroup = ["/bin/sh", "-c", 'echo 0 > "$0" && exec "$@"', str(cgroup / "cgroup.procs")]
     unshare = [UNSHARE, "--cgroup", "--mount", "--pid", "--fork", "--mount-proc"]
-    serve = [sys.executable, "-m", "jobworker", "serve"]
+    serve = [*JOBWORKER, "serve"]
     env = {**os.environ, **settings, "CONTAINER_CGROUP_RO": "1" if read_only else "0"}
     with log.open("wb") as sink:
         runtime = subprocess.Popen(
@@ -202,18 +186,6 @@ def container(
         _remove_cgroup_tree(cgroup)
 
 
-def wait_listening(port: int, runtime: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if runtime.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def containers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Container]]:
     """The running containerised server, shared by this module's tests; a new one is started
@@ -233,7 +205,7 @@ def containers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[]
                 "JOBWORKER_STOP_GRACE": "2",
             }
             cgroup, runtime, server, log = stack.enter_context(container(tmp_path, settings))
-            wait_listening(port, runtime, log)
+            wait_listening(port, runtime, log, timeout=90)
             current.append(Container(cgroup, runtime, server, port, data_dir, log))
             return current[-1]
 
@@ -374,7 +346,7 @@ async def test_a_namespace_root_shared_with_another_process_warns_once(tmp_path:
     data_dir = tmp_path / "data"
     settings = {"JOBWORKER_LISTEN": f"127.0.0.1:{port}", "JOBWORKER_DATA_DIR": str(data_dir)}
     with container(tmp_path, settings, runtime_stays=True) as (cgroup, runtime, server, log):
-        wait_listening(port, runtime, log)
+        wait_listening(port, runtime, log, timeout=90)
         text = log.read_text()
         warnings = [line for line in text.splitlines() if "no internal processes" in line]
         assert len(warnings) == 1, text
