@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,3 +138,31 @@ def test_sigterm_ends_streams_stops_jobs_and_exits(served: Served, cgroup_root: 
     assert not cgroup_root.exists(), "job cgroups and the worker's cgroup are removed"
     log = served.log.read_text()
     assert "stopping jobs" in log
+
+
+# Run a command with SIGINT at its default, as at a terminal (a test runner started in the
+# background of a shell may have inherited SIGINT ignored, and exec keeps that).
+WITH_SIGINT = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])",
+]
+
+
+def test_ctrl_c_leaves_a_stream_quietly_and_the_job_running(served: Served) -> None:
+    job_id = served.cli("start", "--", "sh", "-c", "while :; do echo tick; sleep 0.1; done")
+    job_id_text = job_id.stdout.decode().strip()
+    follower = subprocess.Popen(
+        [*WITH_SIGINT, *JOBWORKER, "stream", job_id_text],
+        env=served.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == b"tick\n"
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=20)
+    assert (follower.returncode, err) == (130, b"")
+    status = json.loads(served.cli("status", job_id_text, "--json").stdout)
+    assert status["state"] == "running"
