@@ -38,14 +38,15 @@ def tests(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.8")
-    session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".", "scripts/vm-run")
+    session.run("ruff", "format", "--check", ".", "scripts/vm-run")
 
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[typecheck,test]")
     session.run("mypy", "--strict", "jobworker")
+    session.run("mypy", "--strict", "scripts/vm-run", "scripts/vmrun")
 
 
 # Everything that shapes the generated text, pinned so that `proto` gives the same answer on
