@@ -33,7 +33,7 @@ from h2.exceptions import StreamClosedError
 from jobworker._proto.jobworker import v1 as pb
 from jobworker._proto_convert import (
     chunk_from_proto,
-    limits_to_proto,
+    spec_to_proto,
     status_from_proto,
 )
 from jobworker.client.channel import open_channel
@@ -107,10 +107,7 @@ class Client:
         self, program: str, args: Iterable[str] = (), limits: Limits | None = None
     ) -> JobStatus:
         """Start ``program`` with ``args``; the job's id is ``status.id``."""
-        spec = JobSpec(program, tuple(args), limits or Limits())
-        request = pb.StartJobRequest(
-            program=spec.program, args=list(spec.args), limits=limits_to_proto(spec.limits)
-        )
+        request = spec_to_proto(JobSpec(program, tuple(args), limits or Limits()))
         response = await self._call(self.stub.start_job(request))
         return _status(response.status)
 
