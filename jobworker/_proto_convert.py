@@ -26,8 +26,16 @@ from datetime import datetime
 from typing import Final
 
 from jobworker._proto.jobworker import v1 as pb
-from jobworker.errors import JobworkerError
-from jobworker.worker.models import JobSpec, JobState, JobStatus, Limits, OutputChunk, Usage
+from jobworker.errors import InvalidArgument, JobworkerError
+from jobworker.worker.models import (
+    JobSpec,
+    JobState,
+    JobStatus,
+    Limits,
+    Network,
+    OutputChunk,
+    Usage,
+)
 
 __all__ = [
     "ProtocolError",
@@ -35,6 +43,8 @@ __all__ = [
     "chunk_to_proto",
     "limits_from_proto",
     "limits_to_proto",
+    "network_from_proto",
+    "network_to_proto",
     "spec_from_proto",
     "spec_to_proto",
     "state_from_proto",
@@ -86,6 +96,34 @@ def state_from_proto(state: pb.JobState | int) -> JobState:
     return model
 
 
+_NETWORK_TO_PROTO: Final[dict[Network, pb.JobNetwork]] = {
+    Network.HOST: pb.JobNetwork.HOST,
+    Network.NONE: pb.JobNetwork.NONE,
+}
+_NETWORK_FROM_PROTO: Final[dict[int, Network]] = {
+    int(wire): model for model, wire in _NETWORK_TO_PROTO.items()
+}
+
+
+def network_to_proto(network: Network | None) -> pb.JobNetwork:
+    """The wire value of a network; ``None`` (the server's choice) is ``UNSPECIFIED``."""
+    return pb.JobNetwork.UNSPECIFIED if network is None else _NETWORK_TO_PROTO[network]
+
+
+def network_from_proto(network: pb.JobNetwork | int) -> Network | None:
+    """The network for a wire value: ``None`` for ``UNSPECIFIED``.
+
+    An unknown value is refused with :class:`InvalidArgument`: it is the caller's to fix.
+    """
+    value = int(network)
+    if value == int(pb.JobNetwork.UNSPECIFIED):
+        return None
+    model = _NETWORK_FROM_PROTO.get(value)
+    if model is None:
+        raise InvalidArgument(f"unknown network {value}: expected host (1) or none (2)")
+    return model
+
+
 def limits_to_proto(limits: Limits) -> pb.Limits:
     """The wire form of ``limits``; a ``None`` limit is left unset, not sent as zero."""
     return pb.Limits(
@@ -130,7 +168,13 @@ def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
     """The request that starts ``spec``. The owner is not sent: the server takes it from the
     caller's certificate."""
     return pb.StartJobRequest(
-        program=spec.program, args=list(spec.args), limits=limits_to_proto(spec.limits)
+        program=spec.program,
+        args=list(spec.args),
+        limits=limits_to_proto(spec.limits),
+        env=dict(spec.env),
+        cwd=spec.cwd,
+        user=spec.user,
+        network=network_to_proto(spec.network),
     )
 
 
@@ -141,6 +185,10 @@ def spec_from_proto(request: pb.StartJobRequest, owner: str) -> JobSpec:
         args=tuple(request.args),
         limits=limits_from_proto(request.limits),
         owner=owner,
+        env=dict(request.env),
+        cwd=request.cwd,
+        user=request.user,
+        network=network_from_proto(request.network),
     )
 
 
@@ -173,6 +221,11 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         limits=limits_to_proto(status.limits),
         unenforced_limits=sorted(status.unenforced),
         usage=usage_to_proto(status.usage),
+        env=dict(status.env),
+        cwd=status.cwd,
+        user=status.user,
+        uid=status.uid,
+        network=network_to_proto(status.network),
     )
 
 
@@ -199,6 +252,11 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
         limits=limits_from_proto(status.limits),
         unenforced=frozenset(status.unenforced_limits),
         usage=usage_from_proto(status.usage),
+        env=dict(status.env),
+        cwd=status.cwd,
+        user=status.user,
+        uid=status.uid,
+        network=network_from_proto(status.network) or Network.HOST,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -73,6 +75,18 @@ def _needs_controller(request: pytest.FixtureRequest) -> None:
         if IN_VM:
             pytest.fail(message + " (the VM tier must have every controller)")
         pytest.skip(message + "; the VM tier (nox -s vm) runs this test")
+
+
+@pytest.fixture
+def readable_dir() -> Iterator[Path]:
+    """A directory on the host that jobs may read: a job's /tmp is its own, and the test's
+    tmp_path is root's alone."""
+    path = Path(tempfile.mkdtemp(prefix="jobworker-tests-", dir="/var/lib"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 @pytest.fixture

@@ -17,6 +17,17 @@ from jobworker.worker import Worker
 JOBWORKER = [sys.executable, "-m", "jobworker"]
 
 
+def _job_python() -> str:
+    """A python3 that any job may run: the tests' own lives under root's home (0700)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return "python3-for-jobs-not-found"  # tests that use it fail with a clear InvalidCommand
+
+
+JOB_PYTHON = _job_python()
+
+
 def open_fds() -> set[int]:
     """This process's open file descriptors."""
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
@@ -76,6 +87,25 @@ def job_cgroups(worker: Worker) -> list[str]:
     """Names of the job cgroups that exist under the worker's cgroup root."""
     jobs = worker.cgroup_root / "jobs"
     return sorted(p.name for p in jobs.iterdir() if p.is_dir()) if jobs.exists() else []
+
+
+def job_processes(worker: Worker, job_id: str) -> dict[int, int]:
+    """The processes in a job's cgroup: pid in the job's PID namespace -> pid on the host.
+
+    The job's helper processes (worker/process.py) are left out: its monitor is outside the
+    namespace, its init is PID 1 there.
+    """
+    procs = worker.cgroup_root / "jobs" / job_id / "cgroup.procs"
+    found = {}
+    for host_pid in map(int, procs.read_text().split()):
+        try:
+            status = Path(f"/proc/{host_pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        nspids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+        if len(nspids) >= 2 and int(nspids[-1]) > 1:
+            found[int(nspids[-1])] = host_pid
+    return found
 
 
 def log_files(worker: Worker) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -114,6 +115,21 @@ async def test_a_user_runs_and_reads_own_jobs_but_may_not_stop_them(
         assert (await alice.status(job.id)).state is JobState.RUNNING, "the refused stop did it"
     async with connect("admin") as admin:
         assert (await admin.stop(job.id)).state is JobState.STOPPED
+
+
+async def test_a_refused_call_is_audited_with_the_job_it_targeted(
+    connect: Callable[[str], Client], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jobworker.audit")
+    async with connect("alice") as alice:
+        job = await alice.start("sleep", ["60"])
+        with pytest.raises(PermissionDenied, match="role 'user' may not call StopJob"):
+            await alice.stop(job.id)
+        assert (await alice.status(job.id)).state is JobState.RUNNING, "the refused stop did it"
+    lines = [r.getMessage() for r in caplog.records if r.name == "jobworker.audit"]
+    assert (
+        f"audit who=alice role=user rpc=StopJob job={job.id} outcome=permission_denied"
+    ) in lines
 
 
 async def test_a_user_cannot_see_another_users_jobs(connect: Callable[[str], Client]) -> None:

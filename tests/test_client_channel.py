@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import JOB_PYTHON
 
 from jobworker.certs import PkiPaths, init_pki
 from jobworker.client import Client
@@ -43,7 +43,7 @@ async def test_large_chunks_arrive_whole_in_order(served: tuple[int, PkiPaths]) 
     port, pki = served
     client = Client("127.0.0.1", port, cert=pki.admin_cert, key=pki.admin_key, ca=pki.server_ca)
     async with client:
-        job = await client.start(sys.executable, ["-c", WRITE_3_MIB])
+        job = await client.start(JOB_PYTHON, ["-c", WRITE_3_MIB])
         received = bytearray()
         sizes = []
         async with client.output(job.id) as output:

@@ -15,6 +15,7 @@ The cgroup and mount namespaces of a real container run in the VM tier
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -345,28 +346,31 @@ def test_serve_as_pid_1_reaps_orphans_and_exits_0_on_sigterm(
 ) -> None:
     server = pid1_server
     assert "running as PID 1" in server.log.read_text()
-    # The job's subshell starts a sleep and exits: the sleep is orphaned while the job runs,
-    # is reparented to PID 1 (the server), and exits after 2 s.
-    started = server.cli("start", "--", "sh", "-c", "(sleep 2 &); exec sleep 300")
+    # Orphans inside a job go to the job's own init (PID 1 of its namespace). What reaches
+    # the server is the init itself when the job's monitor (the server's child) dies first:
+    # the init is reparented to PID 1, the server, which must collect it.
+    started = server.cli("start", "--", "sleep", "300")
     assert started.returncode == 0, started.stderr
     job_id = started.stdout.decode().strip()
     job_procs = cgroup_root / "jobs" / job_id / "cgroup.procs"
-    found: list[int] = []
+    tree: dict[str, int] = {}
 
-    def orphan_found() -> bool:
-        found[:] = [
-            int(pid)
-            for pid in job_procs.read_text().split()
-            if command_line(int(pid)) == ["sleep", "2"] and proc_stat(int(pid)) is not None
-        ]
-        return bool(found)
+    def helpers_found() -> bool:
+        for pid in map(int, job_procs.read_text().split()):
+            stat = proc_stat(pid)
+            if stat is not None and stat[1] == server.pid:
+                tree["monitor"] = pid
+            elif stat is not None and "monitor" in tree and stat[1] == tree["monitor"]:
+                tree["init"] = pid
+        return len(tree) == 2
 
-    wait_until(orphan_found, what="the orphan in the job's cgroup")
-    orphan = found[0]
-    wait_until(lambda: (proc_stat(orphan) or ("", 0))[1] == server.pid, what="reparenting")
-    wait_until(lambda: proc_stat(orphan) is None, what="the orphan to be reaped")
+    wait_until(helpers_found, what="the job's monitor and init")
+    os.kill(tree["monitor"], signal.SIGKILL)
+    wait_until(lambda: proc_stat(tree["init"]) is None, what="the orphaned init to be reaped")
     assert zombie_children(server.pid) == []
-    assert server.cli("status", job_id).returncode == 0  # the job still runs
+    status = server.cli("status", "--json", job_id)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["state"] == "terminated"
 
     os.kill(server.pid, signal.SIGTERM)  # PID 1 gets only the signals it handles
     assert server.unshare.wait(timeout=30) == 0, server.log.read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import job_cgroups, log_files, open_fds, pid_exists, read_all
+from helpers import job_cgroups, job_processes, log_files, open_fds, pid_exists, read_all
 
 from jobworker.errors import (
     InvalidCommand,
@@ -129,11 +129,14 @@ async def test_stop_kills_the_whole_process_tree(worker: Worker) -> None:
     )
     job_id = await run(worker, script)
     lines = await wait_for_line(worker, job_id, 3)
+    in_cgroup = job_processes(worker, job_id)
     procs = {}
     for line in lines:
         name, pid, cgroup = line.split()
-        procs[name] = int(pid)
-        assert cgroup.endswith(f"/jobs/{job_id}"), f"{name} ran outside the job's cgroup"
+        # The job's own cgroup is the root of its cgroup namespace.
+        assert cgroup == "0::/", f"{name} ran outside the job's cgroup"
+        assert int(pid) in in_cgroup, f"{name} is not in the job's cgroup on the host"
+        procs[name] = in_cgroup[int(pid)]
     assert set(procs) == {"main", "child", "grandchild"}
     assert all(pid_exists(pid) for pid in procs.values())
     with anyio.fail_after(10):
@@ -145,11 +148,16 @@ async def test_stop_kills_the_whole_process_tree(worker: Worker) -> None:
 
 
 async def test_processes_left_behind_by_the_main_process_are_killed(worker: Worker) -> None:
-    job_id = await run(worker, "setsid sleep 300 & echo $!; exit 0")
-    output = await read_all(worker, job_id)
+    job_id = await run(worker, "setsid sleep 300 & echo $!; read never </dev/zero")
+    ns_pid = int((await wait_for_line(worker, job_id, 1))[0])
+    daemon = job_processes(worker, job_id)[ns_pid]
+    assert pid_exists(daemon)
+    main = job_processes(worker, job_id)[2]
+    os.kill(main, signal.SIGKILL)  # the program dies; its daemon is still there
+    await read_all(worker, job_id)
     status = worker.status(job_id)
-    assert status.state is JobState.COMPLETED and status.exit_code == 0
-    assert not pid_exists(int(output.split()[0])), "a daemonized child escaped"
+    assert status.state is JobState.TERMINATED and status.signal == signal.SIGKILL
+    assert not pid_exists(daemon), "a daemonized child escaped"
     assert job_cgroups(worker) == []
 
 
@@ -213,10 +221,10 @@ async def test_output_from_an_offset(worker: Worker) -> None:
 
 
 async def test_large_binary_output_is_byte_exact_in_bounded_chunks(
-    config: WorkerConfig, tmp_path: Path
+    config: WorkerConfig, readable_dir: Path
 ) -> None:
     payload = os.urandom(8 * 1024 * 1024 + 17)
-    source = tmp_path / "payload.bin"
+    source = readable_dir / "payload.bin"
     source.write_bytes(payload)
     async with Worker(replace(config, chunk_size=100_000)) as worker:
         status = await worker.start(JobSpec("cat", (str(source),)))
@@ -291,7 +299,7 @@ async def test_many_jobs_at_once(worker: Worker) -> None:
         (JobSpec(""), InvalidCommand, "must not be empty"),
         (JobSpec("ec\0ho"), InvalidCommand, "NUL"),
         (JobSpec("echo", ("a", "b\0c")), InvalidCommand, "argument 1 .*NUL"),
-        (JobSpec("no-such-program-here"), InvalidCommand, "not found on the worker.s PATH"),
+        (JobSpec("no-such-program-here"), InvalidCommand, "not found on the job.s PATH"),
         (JobSpec("/no/such/program"), InvalidCommand, "does not exist"),
         (JobSpec("bin/ls"), InvalidCommand, "absolute path"),
         (JobSpec("/etc"), InvalidCommand, "not a regular file"),

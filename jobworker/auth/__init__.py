@@ -14,7 +14,14 @@ from __future__ import annotations
 from jobworker.auth.audit import audit
 from jobworker.auth.hook import current_identity, install_auth, peer_certificate_der, use_identity
 from jobworker.auth.identity import Identity, identity_from_der
-from jobworker.auth.policy import Rpc, authorize, authorize_path, can_see
+from jobworker.auth.policy import (
+    Rpc,
+    authorize,
+    authorize_path,
+    can_see,
+    check_path,
+    may_run_as_account,
+)
 from jobworker.auth.roles import ROLE_OID, Role
 
 __all__ = [
@@ -26,9 +33,11 @@ __all__ = [
     "authorize",
     "authorize_path",
     "can_see",
+    "check_path",
     "current_identity",
     "identity_from_der",
     "install_auth",
+    "may_run_as_account",
     "peer_certificate_der",
     "use_identity",
 ]

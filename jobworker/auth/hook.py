@@ -4,7 +4,9 @@
 
 1. reads the peer's DER certificate from the TLS connection (:func:`peer_certificate_der`),
 2. builds the caller's :class:`~jobworker.auth.identity.Identity`,
-3. checks :func:`~jobworker.auth.policy.authorize_path` for the call's path,
+3. checks that the call's path is one the policy knows
+   (:func:`~jobworker.auth.policy.check_path`); whether the caller's role allows it is
+   decided by the service once the request is read, so the audit line names its job,
 4. stores the identity in a context variable that the handler reads with
    :func:`current_identity` (the hook runs in the handler's own task).
 
@@ -28,7 +30,7 @@ from grpclib.server import Server
 
 from jobworker.auth.audit import audit
 from jobworker.auth.identity import Identity, common_name, identity_from_der, load_peer_certificate
-from jobworker.auth.policy import WORKER_SERVICE, authorize_path, split_path
+from jobworker.auth.policy import WORKER_SERVICE, check_path, split_path
 from jobworker.errors import PermissionDenied, Unauthenticated
 
 __all__ = [
@@ -111,7 +113,7 @@ async def _on_request(event: RecvRequest) -> None:
         if der is None:
             raise Unauthenticated("no client certificate was presented")
         identity = identity_from_der(der)
-        authorize_path(identity, path)
+        check_path(path)
     except (Unauthenticated, PermissionDenied) as exc:
         who = identity if identity is not None else _who(der)
         audit(who, rpc, None, exc.grpc_status, detail=exc.message)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
 from types import TracebackType
 from typing import TypeVar
@@ -39,7 +39,7 @@ from jobworker._proto_convert import (
 from jobworker.client.channel import open_channel
 from jobworker.client.tls import client_ssl_context
 from jobworker.errors import JobworkerError, Unavailable, error_from_status
-from jobworker.worker.models import JobSpec, JobStatus, Limits, OutputChunk
+from jobworker.worker.models import JobSpec, JobStatus, Limits, Network, OutputChunk
 
 __all__ = ["Client", "OutputReader"]
 
@@ -104,10 +104,32 @@ class Client:
             return await call
 
     async def start(
-        self, program: str, args: Iterable[str] = (), limits: Limits | None = None
+        self,
+        program: str,
+        args: Iterable[str] = (),
+        limits: Limits | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        network: Network | None = None,
     ) -> JobStatus:
-        """Start ``program`` with ``args``; the job's id is ``status.id``."""
-        request = spec_to_proto(JobSpec(program, tuple(args), limits or Limits()))
+        """Start ``program`` with ``args``; the job's id is ``status.id``.
+
+        ``env`` adds environment variables, ``cwd`` is the directory to start in (default:
+        the job's own), ``user`` a host account to run as (admins only, and only accounts
+        the server allows), ``network`` the network it sees (default: the server's).
+        """
+        spec = JobSpec(
+            program,
+            tuple(args),
+            limits or Limits(),
+            env=dict(env or {}),
+            cwd=cwd,
+            user=user,
+            network=network,
+        )
+        request = spec_to_proto(spec)
         response = await self._call(self.stub.start_job(request))
         return _status(response.status)
 

@@ -25,8 +25,16 @@ from grpclib.exceptions import GRPCError
 
 from jobworker._proto.jobworker import v1 as pb
 from jobworker._proto_convert import chunk_to_proto, spec_from_proto, status_to_proto
-from jobworker.auth import Identity, Rpc, audit, can_see, current_identity
-from jobworker.errors import JobNotFound, Unavailable
+from jobworker.auth import (
+    Identity,
+    Rpc,
+    audit,
+    authorize,
+    can_see,
+    current_identity,
+    may_run_as_account,
+)
+from jobworker.errors import JobNotFound, PermissionDenied, Unavailable
 from jobworker.server.errors import to_grpc_error
 from jobworker.worker import JobStatus, Worker, parse_job_id
 
@@ -69,7 +77,7 @@ class WorkerService(pb.WorkerBase):
 
     @contextmanager
     def _call(self, rpc: Rpc, job_id: str | None = None) -> Iterator[_Call]:
-        """Run one call: identity, shutdown, error mapping and the audit line."""
+        """Run one call: identity, the role's grant, shutdown, error mapping, the audit line."""
         call = _Call(current_identity(), job_id)
         outcome: str | grpclib.const.Status = "ok"
         scope = anyio.CancelScope()
@@ -79,6 +87,7 @@ class WorkerService(pb.WorkerBase):
             if self._closing:
                 scope.cancel()
             with scope:
+                authorize(call.identity, rpc)
                 yield call
             if scope.cancelled_caught:
                 raise Unavailable("the server is shutting down; retry on another server or later")
@@ -106,7 +115,12 @@ class WorkerService(pb.WorkerBase):
 
     async def start_job(self, message: pb.StartJobRequest) -> pb.StartJobResponse:
         with self._call(Rpc.START_JOB) as call:
-            status = await self._worker.start(spec_from_proto(message, owner=call.identity.name))
+            spec = spec_from_proto(message, owner=call.identity.name)
+            if spec.user is not None and not may_run_as_account(call.identity):
+                raise PermissionDenied(
+                    f"role {call.identity.role.value!r} may not choose the account a job runs as"
+                )
+            status = await self._worker.start(spec)
             call.job_id = status.id
         return pb.StartJobResponse(status=status_to_proto(status))
 

@@ -20,7 +20,6 @@ import errno
 import logging
 import os
 import re
-import signal
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Final
 
 from jobworker.errors import CgroupError, ConfigError
 from jobworker.worker.models import Limits, Usage
+from jobworker.worker.process import HELPER_PROCESSES
 
 __all__ = [
     "CONTROLLERS",
@@ -127,12 +127,6 @@ class JobCgroup:
             return _read_keyed(self.events_file).get("populated", 0) == 1
         except FileNotFoundError:
             return False
-
-    def signal_all(self, signum: signal.Signals) -> None:
-        """Send ``signum`` to every process in the cgroup (one that just exited is skipped)."""
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and its descendants, atomically (cgroup.kill)."""
@@ -370,7 +364,8 @@ def limit_files(limits: Limits, io_device: str | None) -> Iterable[tuple[str, st
     if limits.cpu_millis is not None:
         yield "cpu.max", f"{limits.cpu_millis * CPU_PERIOD_USEC // 1000} {CPU_PERIOD_USEC}"
     if limits.pids is not None:
-        yield "pids.max", str(limits.pids)
+        # The job's own processes, plus the helper's monitor and init (worker/process.py).
+        yield "pids.max", str(limits.pids + HELPER_PROCESSES)
     io = []
     if limits.io_read_bps is not None:
         io.append(f"rbps={limits.io_read_bps}")

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from jobworker.errors import ConfigError
-from jobworker.worker.models import Limits
+from jobworker.worker.models import Limits, Network
 
-__all__ = ["WorkerConfig"]
+__all__ = ["DEFAULT_JOB_UIDS", "WorkerConfig", "parse_uid_range"]
+
+# Unprivileged uids (and gids of the same number) for jobs, one per running job. systemd
+# names 65536-524287 unused (docs/UIDS-GIDS.md of systemd), and shadow's useradd hands out
+# subordinate uids for user namespaces from 100000: this range stays clear of both, of
+# systemd's DynamicUser= range (61184-65519), of nobody (65534) and of (uint16_t)-1.
+DEFAULT_JOB_UIDS: Final = (65536, 99999)
+_RESERVED_UIDS: Final = {0: "root", 65534: "nobody", 65535: "(uint16_t) -1"}
+_MAX_UID: Final = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,12 @@ class WorkerConfig:
     not one of its jobs' main processes (see ``worker/reaper.py``): turn it on when this
     process is a child subreaper or PID 1 and the worker is the only part of it that starts
     child processes.
+
+    Who a job runs as (see ``docs/security.md``): by default a uid of its own from
+    ``job_uids`` (inclusive), never shared with another running job; with ``run_as``, that
+    host account for every job instead. A job may name an account itself only if it is in
+    ``allowed_users`` (the server lets only admins ask). ``default_network`` is the network
+    of jobs that do not choose one.
     """
 
     data_dir: Path
@@ -32,6 +47,10 @@ class WorkerConfig:
     max_limits: Limits = field(default_factory=Limits)
     io_device: str | None = None
     reap_orphans: bool = False
+    job_uids: tuple[int, int] = DEFAULT_JOB_UIDS
+    run_as: str | None = None
+    allowed_users: frozenset[str] = frozenset()
+    default_network: Network = Network.HOST
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:
@@ -43,4 +62,27 @@ class WorkerConfig:
         if over := self.default_limits.exceeding(self.max_limits):
             names = ", ".join(sorted(over))
             raise ConfigError(f"default limits must be set and within the maximum for: {names}")
+        _validate_uid_range(self.job_uids)
         return self
+
+
+def _validate_uid_range(uids: tuple[int, int]) -> None:
+    first, last = uids
+    if not 1 <= first <= last <= _MAX_UID:
+        raise ConfigError(
+            f"job uids must be a range FIRST-LAST with 1 <= FIRST <= LAST <= {_MAX_UID}, "
+            f"not {first}-{last}"
+        )
+    for uid, name in _RESERVED_UIDS.items():
+        if first <= uid <= last:
+            raise ConfigError(f"job uids {first}-{last} include {uid} ({name}); leave it out")
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``FIRST-LAST`` (inclusive) as a pair, checked as :class:`WorkerConfig` checks it."""
+    first, sep, last = text.partition("-")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit():
+        raise ConfigError(f"job uids must be a range FIRST-LAST such as 65536-99999, not {text!r}")
+    uids = (int(first), int(last))
+    _validate_uid_range(uids)
+    return uids

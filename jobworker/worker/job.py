@@ -27,9 +27,11 @@ import anyio
 import anyio.abc
 
 from jobworker.errors import CgroupError
+from jobworker.worker.accounts import Account
 from jobworker.worker.cgroup import JobCgroup
 from jobworker.worker.models import JobSpec, JobState, JobStatus, Limits, Usage
 from jobworker.worker.notify import FileWatcher, Wakeup
+from jobworker.worker.process import Launch
 
 __all__ = ["Job", "empty_cgroup"]
 
@@ -63,6 +65,7 @@ class Job:
         process: asyncio.subprocess.Process,
         log_path: Path,
         watcher: FileWatcher,
+        launch: Launch,
     ) -> None:
         self.id = job_id
         self.spec = spec
@@ -70,6 +73,7 @@ class Job:
         self.unenforced = unenforced
         self.cgroup = cgroup
         self.log_path = log_path
+        self.launch = launch
         self.end_waiters: set[Wakeup] = set()
         self._process = process
         # Signals to the main process go through a pidfd: unlike a pid it cannot name another
@@ -84,6 +88,10 @@ class Job:
     @property
     def owner(self) -> str:
         return self.spec.owner
+
+    @property
+    def account(self) -> Account:
+        return self.launch.account
 
     def is_ended(self) -> bool:
         return self._ended.is_set()
@@ -125,6 +133,11 @@ class Job:
             limits=self.limits,
             unenforced=self.unenforced,
             usage=usage,
+            env=self.spec.env,
+            cwd=self.launch.cwd,
+            user=self.launch.account.name,
+            uid=self.launch.account.uid,
+            network=self.launch.network,
         )
 
     # The supervisor: one task per job, owned by the worker.
@@ -176,8 +189,9 @@ class Job:
         task_group.start_soon(self._escalate, grace)
 
     async def _escalate(self, grace: float) -> None:
+        # The main process is the job's monitor: it passes SIGTERM to the namespace's init,
+        # which sends it to every process of the job (worker/init.c).
         self._signal_main(signal.SIGTERM)
-        self.cgroup.signal_all(signal.SIGTERM)
         with anyio.move_on_after(grace):
             await self._ended.wait()
         if not self.is_ended():

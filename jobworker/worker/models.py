@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Final
@@ -17,10 +18,12 @@ from jobworker.errors import InvalidCommand, InvalidJobId, InvalidLimits
 
 __all__ = [
     "LIMIT_RANGES",
+    "MAX_COMMAND_BYTES",
     "JobSpec",
     "JobState",
     "JobStatus",
     "Limits",
+    "Network",
     "OutputChunk",
     "Usage",
     "new_job_id",
@@ -121,26 +124,80 @@ class Limits:
         return out
 
 
+class Network(enum.Enum):
+    """The network a job sees."""
+
+    HOST = "host"  # the host's network namespace
+    NONE = "none"  # a network namespace of its own with only loopback, up
+
+
+# The most a job's program, arguments and environment may take together, counted as the
+# kernel counts them (each string with its NUL). Linux refuses more than 2 MiB at exec, and
+# any single string over 128 KiB.
+MAX_COMMAND_BYTES: Final = 256 * 1024
+_MAX_STRING_BYTES: Final = 128 * 1024 - 1
+
+
+def _check_string(what: str, value: object) -> int:
+    """The size of one exec string, or :class:`InvalidCommand` if it cannot be one."""
+    if not isinstance(value, str):
+        raise InvalidCommand(f"{what} is not a string")
+    if "\0" in value:
+        raise InvalidCommand(f"{what} must not contain NUL bytes")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidCommand(f"{what} is not valid UTF-8") from None
+    if size > _MAX_STRING_BYTES:
+        raise InvalidCommand(f"{what} is {size} bytes long; the most is {_MAX_STRING_BYTES}")
+    return size + 1
+
+
 @dataclass(frozen=True)
 class JobSpec:
-    """What to run: a program, its arguments, limits, and who asked."""
+    """What to run: a program, its arguments, environment, limits, and who asked.
+
+    ``cwd`` is the directory the program starts in (``None``: the job's own working
+    directory), ``user`` a host account the job runs as (``None``: the server's choice, see
+    :class:`~jobworker.worker.WorkerConfig`), ``network`` the network it sees (``None``:
+    the server's default).
+    """
 
     program: str
     args: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     owner: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    network: Network | None = None
 
     def validate(self) -> JobSpec:
         """Raise :class:`InvalidCommand` or :class:`InvalidLimits` for a malformed spec."""
         if not isinstance(self.program, str) or not self.program:
             raise InvalidCommand("program must not be empty")
-        if "\0" in self.program:
-            raise InvalidCommand("program must not contain NUL bytes")
+        size = _check_string("program", self.program)
         for i, arg in enumerate(self.args):
-            if not isinstance(arg, str):
-                raise InvalidCommand(f"argument {i} is not a string")
-            if "\0" in arg:
-                raise InvalidCommand(f"argument {i} must not contain NUL bytes")
+            size += _check_string(f"argument {i}", arg)
+        for name, value in self.env.items():
+            if not isinstance(name, str) or not name or "=" in name:
+                raise InvalidCommand(
+                    f"environment variable name {name!r} must be non-empty and without '='"
+                )
+            size += _check_string(f"environment variable {name!r}", f"{name}={value}")
+        if size > MAX_COMMAND_BYTES:
+            raise InvalidCommand(
+                f"the program, its arguments and environment take {size} bytes; "
+                f"the most is {MAX_COMMAND_BYTES}"
+            )
+        if self.cwd is not None:
+            _check_string("working directory", self.cwd)
+            if not self.cwd.startswith("/"):
+                raise InvalidCommand(f"working directory {self.cwd!r} must be an absolute path")
+        if self.user is not None:
+            _check_string("user", self.user)
+            if not self.user or "/" in self.user or ":" in self.user:
+                raise InvalidCommand(f"user {self.user!r} is not an account name")
         self.limits.validate()
         return self
 
@@ -171,6 +228,11 @@ class JobStatus:
     limits: Limits = field(default_factory=Limits)  # the limits in force
     unenforced: frozenset[str] = frozenset()  # names of ``limits`` the host cannot enforce
     usage: Usage = field(default_factory=Usage)
+    env: Mapping[str, str] = field(default_factory=dict)  # what the job asked for
+    cwd: str = ""  # the directory the program started in
+    user: str = ""  # the host account the job runs as; "" for a uid of the worker's own
+    uid: int = 0
+    network: Network = Network.HOST
 
 
 @dataclass(frozen=True)

@@ -1,38 +1,55 @@
-"""Starting a job's program inside its cgroup, with no window for escape.
+"""Starting a job's program inside its cgroup, namespaces and identity, with no window.
 
-Python cannot ``clone3(CLONE_INTO_CGROUP)``, and writing a PID into ``cgroup.procs`` after
-the program started is a race: anything it forks before the write escapes the cgroup. So the
-worker starts a tiny ``/bin/sh`` shim instead. The shim moves *itself* into the job's cgroup
-(writing ``0`` to ``cgroup.procs`` means "the writing process") and only then ``exec``s the
-program, which replaces the shim in the same process. The program's first instruction, and
-everything it ever forks, run inside the cgroup.
+Python cannot ``clone3(CLONE_INTO_CGROUP)``, cannot create a PID namespace for a child on
+3.11, and ``preexec_fn`` is unsafe in a threaded process. So the worker starts a small
+native helper, ``jobworker-init`` (``init.c`` beside this file, built at install), as root
+and with an empty environment. The helper moves itself into the job's cgroup, unshares the
+job's namespaces, becomes the monitor of a PID 1 that sets up the job's mounts, and only
+then does the program's own process drop to the job's account and ``exec`` it. The
+program's first instruction, and everything it ever forks, run inside the cgroup, the
+namespaces and the account; ``init.c`` describes each step.
 
-``exec`` failures inside the shim cannot be told apart from the program's own exit codes, so
-the program is resolved and checked here first: a missing or non-executable program is an
-error from start, before anything is created.
+The helper reports any failure before the exec on a pipe, and a successful exec closes the
+pipe without a word, so :func:`spawn_job` returns only once the program really runs, and a
+program the job's account cannot run (or a working directory it cannot enter) is an error
+from start, like a program that does not exist. The program is still resolved and checked
+here first, with the server's own rights, for clear messages about the common mistakes.
+
+The helper's exit status is the program's own: its exit code, or death by the same signal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import stat
 import subprocess
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from jobworker.errors import InvalidCommand
+from jobworker.errors import ConfigError, InvalidCommand, Unavailable
+from jobworker.worker.accounts import Account
+from jobworker.worker.models import Network
 
-__all__ = ["DEFAULT_PATH", "job_environment", "resolve_program", "spawn_in_cgroup"]
+__all__ = [
+    "DEFAULT_PATH",
+    "HELPER",
+    "HELPER_PROCESSES",
+    "Launch",
+    "check_isolation",
+    "job_environment",
+    "resolve_program",
+    "spawn_job",
+]
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SHIM_EXIT_CGROUP: Final = 125  # exit code of a shim that could not join the cgroup
-
-# $0 is the cgroup.procs file; "$@" is the program (an absolute path) and its arguments.
-_SHIM: Final = f'echo 0 >"$0" || exit {SHIM_EXIT_CGROUP}; exec "$@"'
-_SH: Final = "/bin/sh"
+HELPER: Final = Path(__file__).with_name("jobworker-init")
+# Processes of the helper in every job's cgroup: the monitor and the namespace's init.
+HELPER_PROCESSES: Final = 2
 
 
 def resolve_program(program: str, search_path: str) -> str:
@@ -43,7 +60,7 @@ def resolve_program(program: str, search_path: str) -> str:
     if "/" not in program:
         found = shutil.which(program, path=search_path)
         if found is None:
-            raise InvalidCommand(f"program {program!r} was not found on the worker's PATH")
+            raise InvalidCommand(f"program {program!r} was not found on the job's PATH")
         program = found
     elif not program.startswith("/"):
         raise InvalidCommand(
@@ -62,40 +79,157 @@ def resolve_program(program: str, search_path: str) -> str:
     return program
 
 
-def job_environment(job_id: str, base: Mapping[str, str]) -> dict[str, str]:
-    """The small, predictable environment a job starts with."""
-    env = {"PATH": base.get("PATH") or DEFAULT_PATH, "HOME": "/", "JOBWORKER_JOB_ID": job_id}
+def job_environment(
+    job_id: str, home: str, requested: Mapping[str, str], base: Mapping[str, str]
+) -> dict[str, str]:
+    """The small, predictable environment a job starts with, then what it asked for.
+
+    ``JOBWORKER_JOB_ID`` is always the job's own id, whatever was asked.
+    """
+    env = {"PATH": base.get("PATH") or DEFAULT_PATH, "HOME": home}
     for name in ("LANG", "LC_ALL", "TZ"):
         if name in base:
             env[name] = base[name]
+    env.update(requested)
+    env["JOBWORKER_JOB_ID"] = job_id
     return env
 
 
-async def spawn_in_cgroup(
-    program: str,
-    args: Sequence[str],
-    *,
-    cgroup_procs: Path,
-    output_fd: int,
-    env: Mapping[str, str],
-) -> asyncio.subprocess.Process:
-    """Start ``program`` (absolute, already resolved) so that it runs only inside the cgroup.
+@dataclass(frozen=True)
+class Launch:
+    """Everything the helper needs to start one job's program."""
+
+    program: str  # absolute, resolved
+    args: Sequence[str]
+    env: Mapping[str, str]
+    cwd: str
+    account: Account
+    network: Network
+    cgroup_procs: Path
+    data_dir: Path
+    work_dir: Path
+
+
+def _flags(network: Network) -> str:
+    return "n" if network is Network.NONE else "-"
+
+
+def helper_path() -> Path:
+    """The helper, or :class:`ConfigError` if this installation has none."""
+    if not os.access(HELPER, os.X_OK):
+        raise ConfigError(
+            f"the job helper {HELPER} is missing: jobworker was installed without building "
+            "it; reinstall it where a C compiler is available (Debian: apt-get install gcc "
+            "libc6-dev)"
+        )
+    return HELPER
+
+
+async def check_isolation(network: Network) -> None:
+    """Raise :class:`ConfigError` unless this host lets the worker isolate jobs."""
+    process = await asyncio.create_subprocess_exec(
+        helper_path(),
+        "check",
+        _flags(network),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={},
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        why = stderr.decode(errors="replace").strip() or f"exit status {process.returncode}"
+        raise ConfigError(
+            f"this host does not let the worker give jobs their own namespaces ({why}): run "
+            "it as root, and in a container with --privileged (see docs/deploy.md)"
+        )
+
+
+async def spawn_job(launch: Launch, output_fd: int) -> asyncio.subprocess.Process:
+    """Start the job's program through the helper; return once the program runs.
 
     stdin is /dev/null; stdout and stderr both go to ``output_fd``, so the log keeps the
     order in which they were written. The job gets a new session, so terminal signals meant
-    for the worker do not reach it.
+    for the worker do not reach it. Raises :class:`InvalidCommand` if the job's account
+    cannot run the program or enter its directory, :class:`Unavailable` if the host
+    refused something else; the helper has exited by then.
     """
-    return await asyncio.create_subprocess_exec(
-        _SH,
-        "-c",
-        _SHIM,
-        str(cgroup_procs),
-        program,
-        *args,
-        stdin=subprocess.DEVNULL,
-        stdout=output_fd,
-        stderr=output_fd,
-        env=dict(env),
-        cwd="/",
-        start_new_session=True,
-    )
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                helper_path(),
+                "run",
+                str(write_end),
+                str(launch.cgroup_procs),
+                str(launch.account.uid),
+                str(launch.account.gid),
+                _flags(launch.network),
+                str(launch.data_dir),
+                str(launch.work_dir),
+                launch.cwd,
+                str(len(launch.env)),
+                *(f"{name}={value}" for name, value in launch.env.items()),
+                launch.program,
+                launch.program,
+                *launch.args,
+                stdin=subprocess.DEVNULL,
+                stdout=output_fd,
+                stderr=output_fd,
+                env={},
+                cwd="/",
+                start_new_session=True,
+                pass_fds=(write_end,),
+            )
+        finally:
+            os.close(write_end)
+        report = await _read_to_end(read_end)
+    finally:
+        os.close(read_end)
+    if report:
+        await process.wait()
+        raise _start_error(report.decode(errors="replace"), launch)
+    return process
+
+
+async def _read_to_end(fd: int) -> bytes:
+    """Everything written to the pipe ``fd`` until its last writer closes it."""
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _wake, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(fd)
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _start_error(report: str, launch: Launch) -> Exception:
+    """The error for the helper's report ``STAGE ERRNO``."""
+    stage, _, number = report.partition(" ")
+    code = int(number) if number.isdigit() else 0
+    why = os.strerror(code) if code else "unknown error"
+    who = "the job's user" if launch.account.uid else "root"
+    if stage == "exec":
+        if code == errno.E2BIG:
+            return InvalidCommand(
+                "the program's arguments and environment are too long for this host"
+            )
+        return InvalidCommand(f"program {launch.program!r} cannot be run by {who}: {why}")
+    if stage == "chdir":
+        return InvalidCommand(f"working directory {launch.cwd!r} cannot be entered by {who}: {why}")
+    return Unavailable(f"the worker cannot start a job now: {stage} failed: {why}")

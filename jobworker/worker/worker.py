@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
@@ -22,10 +23,12 @@ from jobworker.errors import (
     InvalidLimits,
     JobNotFound,
     LimitNotEnforceable,
+    PermissionDenied,
     Unavailable,
     WorkerClosed,
 )
-from jobworker.worker.cgroup import CgroupTree, block_device_of
+from jobworker.worker.accounts import Account, UidPool, host_account
+from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
 from jobworker.worker.config import WorkerConfig
 from jobworker.worker.job import Job, empty_cgroup
 from jobworker.worker.logs import OutputStream, create_log
@@ -34,12 +37,20 @@ from jobworker.worker.models import (
     JobSpec,
     JobStatus,
     Limits,
+    Network,
     new_job_id,
     parse_job_id,
 )
 from jobworker.worker.notify import FileWatcher
-from jobworker.worker.process import job_environment, resolve_program, spawn_in_cgroup
+from jobworker.worker.process import (
+    Launch,
+    check_isolation,
+    job_environment,
+    resolve_program,
+    spawn_job,
+)
 from jobworker.worker.reaper import OrphanReaper
+from jobworker.worker.workdir import WorkDirs
 
 __all__ = ["Worker"]
 
@@ -66,6 +77,11 @@ class Worker:
         self._stack = AsyncExitStack()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._logs_dir = config.data_dir / "logs"
+        self._work_dirs = WorkDirs(config.data_dir / "work")
+        self._uids = UidPool(*config.job_uids)
+        # Accounts a job may be run as, resolved once: every name must exist now.
+        self._run_as = host_account(config.run_as) if config.run_as is not None else None
+        self._allowed = {name: host_account(name) for name in sorted(config.allowed_users)}
         self._io_device: str | None = None
         self._enforceable: frozenset[str] = frozenset()
         self._closing = False
@@ -80,6 +96,8 @@ class Worker:
         async with AsyncExitStack() as stack:
             self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._logs_dir.mkdir(mode=0o700, exist_ok=True)
+            self._work_dirs.setup()
+            await check_isolation(Network.NONE)
             self._cgroups.setup()
             stack.callback(self._cgroups.teardown)
             if self._reaper is not None:
@@ -165,30 +183,81 @@ class Worker:
         spec.validate()
         limits = self._effective_limits(spec.limits)
         unenforced = frozenset(limits.items()) - self._enforceable
-        env = job_environment("", os.environ)
-        program = resolve_program(spec.program, env["PATH"])
         job_id = new_job_id()
-        env["JOBWORKER_JOB_ID"] = job_id
-        enforced = Limits(**{k: v for k, v in limits.items().items() if k not in unenforced})
-        cgroup = self._cgroups.create_job(job_id, enforced, self._io_device)
+        work_dir = self._work_dirs.path(job_id)
+        env = job_environment(job_id, str(work_dir), spec.env, os.environ)
+        program = resolve_program(spec.program, env["PATH"])
+        account = self._account(spec)
+        try:
+            enforced = Limits(**{k: v for k, v in limits.items().items() if k not in unenforced})
+            launch = Launch(
+                program=program,
+                args=spec.args,
+                env=env,
+                cwd=spec.cwd or str(work_dir),
+                account=account,
+                network=spec.network or self.config.default_network,
+                cgroup_procs=Path(),
+                data_dir=self.config.data_dir,
+                work_dir=work_dir,
+            )
+            process, cgroup = await self._launch(job_id, launch, enforced)
+        except BaseException:
+            self._release(account)
+            raise
+        job = Job(
+            job_id, spec, limits, unenforced, cgroup, process, self._logs_dir / f"{job_id}.log",
+            self._watcher, launch,
+        )  # fmt: skip
+        self._jobs[job_id] = job
+        self._task_group.start_soon(self._supervise, job, process)
+        log.info(
+            "job %s started for %r as uid %d: %s %s (pid %d)",
+            job_id, spec.owner, account.uid, program, list(spec.args), process.pid,
+        )  # fmt: skip
+        return job.status()
+
+    def _account(self, spec: JobSpec) -> Account:
+        """Who the job runs as: the account it named, the server's, or a uid of its own."""
+        if spec.user is not None:
+            account = self._allowed.get(spec.user)
+            if account is None:
+                allowed = ", ".join(self._allowed) or "none"
+                raise PermissionDenied(
+                    f"this server does not run jobs as {spec.user!r} (accounts it allows: "
+                    f"{allowed}; see serve --allow-user)"
+                )
+            return account
+        if self._run_as is not None:
+            return self._run_as
+        return self._uids.acquire()
+
+    def _release(self, account: Account) -> None:
+        if not account.name:
+            self._uids.release(account.uid)
+
+    async def _launch(
+        self, job_id: str, launch: Launch, limits: Limits
+    ) -> tuple[asyncio.subprocess.Process, JobCgroup]:
+        """Create the job's cgroup, log and directory and start it; all or nothing."""
+        cgroup = self._cgroups.create_job(job_id, limits, self._io_device)
         log_path = self._logs_dir / f"{job_id}.log"
         try:
+            self._work_dirs.create(launch.work_dir, launch.account)
             output_fd = create_log(log_path)
             try:
                 # Shielded: once the child exists it must become a job, whoever gave up.
                 with anyio.CancelScope(shield=True), self._starting_child():
-                    process = await spawn_in_cgroup(
-                        program,
-                        spec.args,
-                        cgroup_procs=cgroup.procs_file,
-                        output_fd=output_fd,
-                        env=env,
-                    )
+                    launch = replace(launch, cgroup_procs=cgroup.procs_file)
+                    process = await spawn_job(launch, output_fd)
                     self._children[process.pid] = process
             finally:
                 os.close(output_fd)
         except BaseException as exc:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await empty_cgroup(cgroup, self._watcher)
             log_path.unlink(missing_ok=True)
+            self._work_dirs.remove(launch.work_dir)
             cgroup.remove()
             if isinstance(exc, OSError):
                 # The program was checked already: this is the host (no pids, memory or disk
@@ -196,19 +265,17 @@ class Worker:
                 log.error("cannot start a job: %s", exc)
                 raise Unavailable(f"the worker cannot start a job now: {exc.strerror}") from exc
             raise
-        job = Job(job_id, spec, limits, unenforced, cgroup, process, log_path, self._watcher)
-        self._jobs[job_id] = job
-        self._task_group.start_soon(self._supervise, job, process)
-        log.info(
-            "job %s started for %r: %s %s (pid %d)",
-            job_id, spec.owner, program, list(spec.args), process.pid,
-        )  # fmt: skip
-        return job.status()
+        return process, cgroup
 
     async def _supervise(self, job: Job, process: asyncio.subprocess.Process) -> None:
         try:
             await job.supervise()
         finally:
+            if not job.account.name:
+                # No process of the job is left: its uid may serve another job, which must
+                # not find this job's files.
+                self._work_dirs.lock(job.launch.work_dir)
+            self._release(job.account)
             if self._children.get(process.pid) is process:
                 del self._children[process.pid]
             if self._reaper is not None:

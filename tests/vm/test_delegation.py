@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import JOBWORKER, client_env, free_port, wait_listening
+from helpers import JOB_PYTHON, JOBWORKER, client_env, free_port, wait_listening
 
 from jobworker.client import Client
 from jobworker.worker import JobState, Limits
@@ -118,7 +117,7 @@ def test_the_cli_reports_an_oom_kill(
     delegated: tuple[Path, subprocess.Popen[bytes], dict[str, str]],
 ) -> None:
     _, _, env = delegated
-    hog = f"{sys.executable} -S -c 'b = bytearray(200 << 20)'"
+    hog = f"{JOB_PYTHON} -S -c 'b = bytearray(200 << 20)'"
     ran = cli(env, "run", "--memory", "50M", "--", "sh", "-c", f"exec {hog}")
     assert ran.returncode == 128 + signal.SIGKILL, ran.stderr
 

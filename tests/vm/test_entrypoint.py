@@ -16,7 +16,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import JOBWORKER, free_port, proc_stat, wait_listening
+from helpers import JOB_PYTHON, JOBWORKER, free_port, proc_stat, wait_listening
 
 from jobworker.certs import PkiPaths
 from jobworker.client import Client
@@ -261,17 +260,13 @@ async def test_the_server_is_pid_1_takes_its_namespace_root_and_jobs_get_limits(
         assert not job_cgroup.exists()
 
         hog = "b = bytearray(200 << 20)"
-        oom = await run_to_end(
-            client, sys.executable, ["-S", "-c", hog], Limits(memory_bytes=50 << 20)
-        )
+        oom = await run_to_end(client, JOB_PYTHON, ["-S", "-c", hog], Limits(memory_bytes=50 << 20))
         assert (oom.state, oom.oom_killed, oom.signal) == (
             JobState.TERMINATED,
             True,
             signal.SIGKILL,
         )
-        fits = await run_to_end(
-            client, sys.executable, ["-S", "-c", "b = bytearray(8 << 20)"], limits
-        )
+        fits = await run_to_end(client, JOB_PYTHON, ["-S", "-c", "b = bytearray(8 << 20)"], limits)
         assert (fits.state, fits.exit_code, fits.oom_killed) == (JobState.COMPLETED, 0, False)
 
 

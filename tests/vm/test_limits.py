@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import pytest
-from helpers import job_cgroups, pid_exists, read_all
+from helpers import JOB_PYTHON, job_cgroups, pid_exists, read_all
 
 from jobworker.worker import JobSpec, JobState, Limits, Worker, WorkerConfig
 
 pytestmark = pytest.mark.anyio
 
-PYTHON = sys.executable
+PYTHON = JOB_PYTHON
 
 
 def allocate(megabytes: int) -> JobSpec:

@@ -6,6 +6,7 @@
 __all__ = (
     "GetJobStatusRequest",
     "GetJobStatusResponse",
+    "JobNetwork",
     "JobState",
     "JobStatus",
     "Limits",
@@ -40,6 +41,43 @@ if TYPE_CHECKING:
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+class JobNetwork(betterproto2.Enum):
+    """
+    The network a job sees.
+    """
+
+    UNSPECIFIED = 0
+    """
+    Not chosen: the server's default (serve --default-network). Never sent by the server.
+    """
+
+    HOST = 1
+    """
+    The host's network.
+    """
+
+    NONE = 2
+    """
+    A network namespace of the job's own with only the loopback interface, up.
+    """
+
+    @classmethod
+    def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
+        return {
+            0: "JOB_NETWORK_UNSPECIFIED",
+            1: "JOB_NETWORK_HOST",
+            2: "JOB_NETWORK_NONE",
+        }
+
+    @classmethod
+    def betterproto_renamed_proto_names_to_value(cls) -> dict[str, int]:
+        return {
+            "JOB_NETWORK_UNSPECIFIED": 0,
+            "JOB_NETWORK_HOST": 1,
+            "JOB_NETWORK_NONE": 2,
+        }
 
 
 class JobState(betterproto2.Enum):
@@ -208,6 +246,41 @@ class JobStatus(betterproto2.Message):
     Resources the job used.
     """
 
+    env: "dict[str, str]" = betterproto2.field(
+        15,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+    """
+    The environment variables the job asked for (StartJobRequest.env). The job also gets
+    PATH, HOME and JOBWORKER_JOB_ID from the server, unless it set them itself
+    (JOBWORKER_JOB_ID is always the server's).
+    """
+
+    cwd: "str" = betterproto2.field(16, betterproto2.TYPE_STRING)
+    """
+    The directory the program started in: the one it asked for, else the job's own
+    working directory.
+    """
+
+    user: "str" = betterproto2.field(17, betterproto2.TYPE_STRING)
+    """
+    The host account the job runs as (StartJobRequest.user), or empty when it runs as an
+    unprivileged uid of the server's own (see `uid`).
+    """
+
+    uid: "int" = betterproto2.field(18, betterproto2.TYPE_UINT32)
+    """
+    The uid (and gid) of the job's processes.
+    """
+
+    network: "JobNetwork" = betterproto2.field(
+        19, betterproto2.TYPE_ENUM, default_factory=lambda: JobNetwork(0)
+    )
+    """
+    The network the job sees. Never JOB_NETWORK_UNSPECIFIED.
+    """
+
 
 default_message_pool.register_message("jobworker.v1", "JobStatus", JobStatus)
 
@@ -311,6 +384,39 @@ class StartJobRequest(betterproto2.Message):
     limits: "Limits | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Resource limits for the job. Unset fields take the server's defaults.
+    """
+
+    env: "dict[str, str]" = betterproto2.field(
+        4,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+    """
+    Environment variables for the program, added to the few the server sets (PATH, HOME,
+    and JOBWORKER_JOB_ID, which cannot be replaced). Names must be non-empty and contain
+    no '='; no name or value may contain NUL characters. The program, its arguments and
+    its environment together may take at most 256 KiB.
+    """
+
+    cwd: "str | None" = betterproto2.field(5, betterproto2.TYPE_STRING, optional=True)
+    """
+    The directory to start the program in, as the job sees its file system: an absolute
+    path that the job's account may enter. Unset: the job's own working directory (its
+    HOME), empty and private to the job.
+    """
+
+    user: "str | None" = betterproto2.field(6, betterproto2.TYPE_STRING, optional=True)
+    """
+    Run the job as this host account (for example "root") instead of an unprivileged uid
+    of the server's own. Only admins may ask, and only for accounts the server allows
+    (serve --allow-user); anything else is PERMISSION_DENIED.
+    """
+
+    network: "JobNetwork" = betterproto2.field(
+        7, betterproto2.TYPE_ENUM, default_factory=lambda: JobNetwork(0)
+    )
+    """
+    The network the job sees; unset takes the server's default.
     """
 
 

@@ -1,0 +1,338 @@
+/*
+ * jobworker-init: start one job's program inside its cgroup, its namespaces and its identity.
+ *
+ * The worker starts this helper as root, with an empty environment, and it does everything
+ * that must be in force before the program's first instruction (docs/design.md, "How a job
+ * starts"):
+ *
+ *   monitor (the worker's child, in the host's namespaces)
+ *     1. moves itself into the job's cgroup (writes 0 to its cgroup.procs);
+ *     2. unshares the PID, mount, IPC and cgroup namespaces (and the network namespace for
+ *        a job without network, bringing up its loopback);
+ *     3. forks the init;
+ *   init (PID 1 of the job's PID namespace, still root)
+ *     4. makes every mount private, mounts the job's own /proc, its own view of the cgroup
+ *        tree, empty /tmp, /var/tmp and /dev/shm, and hides the worker's data directory
+ *        behind an empty read-only tmpfs that holds only the job's working directory;
+ *     5. forks the program;
+ *   program (PID 2)
+ *     6. drops every supplementary group, takes the job's gid and uid (which clears every
+ *        capability), sets no_new_privs and umask 077, changes to the job's directory,
+ *        restores default signal handling and execs the program with the job's environment.
+ *
+ * Signals: HUP, INT, QUIT, USR1, USR2 and TERM sent to the monitor go to the init, and the
+ * init sends them to every process of the namespace (kill(-1)), so "SIGTERM to the job"
+ * reaches its whole tree and is never ignored because the program is a namespace's PID 1.
+ *
+ * Exit status: the init tells the monitor the program's raw wait status through a pipe and
+ * exits, which kills whatever the program left behind in the namespace. The monitor then
+ * ends the same way the program did: with its exit code, or killed by its signal (with core
+ * dumps off), so the worker reads the program's own status from its child.
+ *
+ * Errors before the exec are written to the report descriptor as "STAGE ERRNO" (for example
+ * "chdir 13"), and the helper exits. A successful exec closes the report descriptor
+ * (close-on-exec) without a word, which is how the worker knows the program is running.
+ *
+ * Usage (the worker's, not a person's):
+ *   jobworker-init run REPORT_FD CGROUP_PROCS UID GID FLAGS DATA_DIR WORK_DIR CWD
+ *                  NENV ENV... PROGRAM ARGV0 ARG...
+ *   jobworker-init check FLAGS
+ * FLAGS: "-" or "n" (a network namespace of its own, loopback only).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define EXIT_SETUP 125
+
+static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM};
+#define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
+
+static int report_fd = -1;
+static volatile pid_t forward_to = 0;
+
+static void report(const char *stage, int err) {
+    char line[64];
+    int n = snprintf(line, sizeof line, "%s %d", stage, err);
+    if (report_fd >= 0 && n > 0) {
+        ssize_t ignored = write(report_fd, line, (size_t)n);
+        (void)ignored;
+    } else {
+        fprintf(stderr, "jobworker-init: %s: %s\n", stage, strerror(err));
+    }
+}
+
+static void fail(const char *stage) {
+    report(stage, errno);
+    _exit(EXIT_SETUP);
+}
+
+static void block_forwarded(int how) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t i = 0; i < N_FORWARDED; i++) sigaddset(&set, forwarded[i]);
+    sigprocmask(how, &set, NULL);
+}
+
+static void on_forwarded(int sig) {
+    int saved = errno;
+    if (forward_to != 0) kill(forward_to, sig);
+    errno = saved;
+}
+
+static void install_forwarding(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = on_forwarded;
+    action.sa_flags = SA_RESTART;
+    sigemptyset(&action.sa_mask);
+    for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &action, NULL);
+}
+
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, text, strlen(text)) < 0) fail("cgroup");
+    close(fd);
+}
+
+static void loopback_up(void) {
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+    if (sock < 0 || ioctl(sock, SIOCGIFFLAGS, &ifr) < 0) fail("loopback");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0) fail("loopback");
+    close(sock);
+}
+
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* mkdir -p for absolute paths, as root, 0755. */
+static void make_dirs(const char *path) {
+    char buf[PATH_MAX];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof buf) {
+        errno = ENAMETOOLONG;
+        fail("mkdir");
+    }
+    memcpy(buf, path, len + 1);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) < 0 && errno != EEXIST) fail("mkdir");
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) < 0 && errno != EEXIST) fail("mkdir");
+}
+
+static void mount_private_tmp(const char *path) {
+    if (!is_dir(path)) return;
+    if (mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") < 0) fail("mount-tmp");
+}
+
+/* The job's view of the file system (run by the init, in the new mount namespace). */
+static void set_up_mounts(const char *data_dir, const char *work_dir) {
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) fail("mount-private");
+    int work_fd = work_dir ? open(work_dir, O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
+    if (work_dir && work_fd < 0) fail("workdir");
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        fail("mount-proc");
+    if (is_dir("/sys/fs/cgroup") &&
+        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
+              NULL) < 0)
+        fail("mount-cgroup");
+    mount_private_tmp("/tmp");
+    mount_private_tmp("/var/tmp");
+    mount_private_tmp("/dev/shm");
+    if (data_dir) {
+        make_dirs(data_dir);
+        if (mount("tmpfs", data_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "mode=0755,size=64k") < 0)
+            fail("mount-data");
+        if (work_dir) {
+            char source[64];
+            snprintf(source, sizeof source, "/proc/self/fd/%d", work_fd);
+            make_dirs(work_dir);
+            if (mount(source, work_dir, NULL, MS_BIND, NULL) < 0) fail("mount-workdir");
+            if (mount(NULL, work_dir, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
+                fail("mount-workdir");
+        }
+        if (mount(NULL, data_dir, NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  NULL) < 0)
+            fail("mount-data");
+    }
+    if (work_fd >= 0) close(work_fd);
+}
+
+struct job {
+    uid_t uid;
+    gid_t gid;
+    const char *cwd;
+    const char *program;
+    char **argv;
+    char **envp;
+};
+
+static void exec_program(const struct job *job) {
+    for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
+    if (setgroups(0, NULL) < 0) fail("setgroups");
+    if (setresgid(job->gid, job->gid, job->gid) < 0) fail("setgid");
+    if (setresuid(job->uid, job->uid, job->uid) < 0) fail("setuid");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) fail("no_new_privs");
+    umask(077);
+    if (chdir(job->cwd) < 0) fail("chdir");
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    execve(job->program, job->argv, job->envp);
+    fail("exec");
+}
+
+/* PID 1 of the job's namespace: start the program, pass its end to the monitor, exit. */
+static void run_init(const struct job *job, const char *data_dir, const char *work_dir,
+                     int status_fd) {
+    for (size_t i = 0; i < N_FORWARDED; i++) signal(forwarded[i], SIG_IGN);
+    set_up_mounts(data_dir, work_dir);
+    pid_t program = fork();
+    if (program < 0) fail("fork");
+    if (program == 0) {
+        close(status_fd);
+        exec_program(job);
+    }
+    close(report_fd);
+    report_fd = -1;
+    /* kill(-1) from a namespace's PID 1 reaches every process of that namespace only. */
+    forward_to = getpid() == 1 ? -1 : program;
+    install_forwarding();
+    block_forwarded(SIG_UNBLOCK);
+    for (;;) {
+        int status;
+        pid_t pid = wait(&status);
+        if (pid == program) {
+            ssize_t ignored = write(status_fd, &status, sizeof status);
+            (void)ignored;
+            _exit(0);
+        }
+        if (pid < 0 && errno == ECHILD) _exit(0);
+    }
+}
+
+/* End this process the way the program ended. */
+static void mirror(int status) {
+    if (WIFEXITED(status)) _exit(WEXITSTATUS(status));
+    int sig = WTERMSIG(status);
+    struct rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+    signal(sig, SIG_DFL);
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, sig);
+    sigprocmask(SIG_UNBLOCK, &set, NULL);
+    kill(getpid(), sig);
+    _exit(128 + sig);
+}
+
+static int namespace_flags(const char *flags) {
+    int clone_flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP;
+    if (strchr(flags, 'n')) clone_flags |= CLONE_NEWNET;
+    return clone_flags;
+}
+
+static int run(int argc, char **argv) {
+    if (argc < 13) return 2;
+    report_fd = atoi(argv[2]);
+    const char *cgroup_procs = argv[3];
+    struct job job;
+    job.uid = (uid_t)strtoul(argv[4], NULL, 10);
+    job.gid = (gid_t)strtoul(argv[5], NULL, 10);
+    const char *flags = argv[6];
+    const char *data_dir = argv[7];
+    const char *work_dir = argv[8];
+    job.cwd = argv[9];
+    int nenv = atoi(argv[10]);
+    if (nenv < 0 || 11 + nenv + 2 > argc) return 2;
+    /* The environment is copied so that it can end with NULL. */
+    char **envp = calloc((size_t)nenv + 1, sizeof *envp);
+    if (!envp) fail("memory");
+    for (int i = 0; i < nenv; i++) envp[i] = argv[11 + i];
+    job.envp = envp;
+    job.program = argv[11 + nenv];
+    job.argv = &argv[12 + nenv];
+    fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+
+    block_forwarded(SIG_BLOCK);
+    write_file(cgroup_procs, "0");
+    if (unshare(namespace_flags(flags)) < 0) fail("unshare");
+    if (strchr(flags, 'n')) loopback_up();
+    int status_pipe[2];
+    if (pipe2(status_pipe, O_CLOEXEC) < 0) fail("pipe");
+    pid_t init = fork();
+    if (init < 0) fail("fork");
+    if (init == 0) {
+        close(status_pipe[0]);
+        run_init(&job, data_dir, work_dir, status_pipe[1]);
+    }
+    close(status_pipe[1]);
+    close(report_fd);
+    report_fd = -1;
+    forward_to = init;
+    install_forwarding();
+    block_forwarded(SIG_UNBLOCK);
+
+    int program_status = 0;
+    size_t got = 0;
+    while (got < sizeof program_status) {
+        ssize_t n = read(status_pipe[0], (char *)&program_status + got, sizeof program_status - got);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        got += (size_t)n;
+    }
+    int init_status = 0;
+    while (waitpid(init, &init_status, 0) < 0 && errno == EINTR) {
+    }
+    mirror(got == sizeof program_status ? program_status : init_status);
+    return 0;
+}
+
+/* Can this host give a job its namespaces and mounts? Exit 0 if so. */
+static int check(const char *flags) {
+    if (unshare(namespace_flags(flags)) < 0) fail("unshare");
+    if (strchr(flags, 'n')) loopback_up();
+    pid_t child = fork();
+    if (child < 0) fail("fork");
+    if (child == 0) {
+        set_up_mounts(NULL, NULL);
+        _exit(0);
+    }
+    int status;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : EXIT_SETUP;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 3 && strcmp(argv[1], "check") == 0) return check(argv[2]);
+    if (argc >= 2 && strcmp(argv[1], "run") == 0) return run(argc, argv);
+    fprintf(stderr, "jobworker-init is started by the jobworker server, not by hand\n");
+    return 2;
+}

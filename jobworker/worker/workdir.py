@@ -1,0 +1,48 @@
+"""Each job's working directory: ``DATA/work/<job id>``, owned by the job's account.
+
+The directory is the job's default working directory and ``HOME``. On the host it sits in
+a directory only root may enter; the job reaches it because its helper bind-mounts it, at
+the same path, into the job's own view of the data directory (``init.c``). When a job that
+ran under a uid of the worker's own ends, its directory is handed back to root, so that a
+later job given the same uid cannot read what this one left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from jobworker.worker.accounts import Account
+
+__all__ = ["WorkDirs"]
+
+
+class WorkDirs:
+    """The parent of every job's working directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def setup(self) -> None:
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def path(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def create(self, path: Path, account: Account) -> None:
+        """A new, empty directory that only ``account`` may use."""
+        path.mkdir(mode=0o700)
+        os.chown(path, account.uid, account.gid, follow_symlinks=False)
+
+    def lock(self, path: Path) -> None:
+        """Give the directory (not what it holds) back to root, mode 0700."""
+        try:
+            os.chown(path, 0, 0, follow_symlinks=False)
+            os.chmod(path, 0o700, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+
+    def remove(self, path: Path) -> None:
+        shutil.rmtree(path, ignore_errors=True)
