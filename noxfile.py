@@ -103,10 +103,11 @@ def proto(session: nox.Session) -> None:
 
 
 def _vm_pytest_args(posargs: list[str]) -> list[str]:
-    """The VM tier (tests/vm and every test that needs a cgroup controller), unless the
-    arguments name test paths themselves (`nox -s vm -- tests/x.py::t -x`)."""
+    """The VM tier (tests/vm, every test that needs a cgroup controller, and the isolation
+    tests), unless the arguments name test paths themselves (`nox -s vm -- tests/x.py::t`)."""
     names_paths = any(Path(arg.split("::")[0]).exists() for arg in posargs)
-    return posargs if names_paths else ["tests", "-m", "vm or needs_controller", *posargs]
+    marks = "vm or needs_controller or isolation"
+    return posargs if names_paths else ["tests", "-m", marks, *posargs]
 
 
 @nox.session(python="3.11")

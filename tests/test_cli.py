@@ -166,3 +166,72 @@ def test_ctrl_c_leaves_a_stream_quietly_and_the_job_running(served: Served) -> N
     assert (follower.returncode, err) == (130, b"")
     status = json.loads(served.cli("status", job_id_text, "--json").stdout)
     assert status["state"] == "running"
+
+
+def test_a_user_job_cannot_read_the_servers_keys_or_run_as_root(served: Served) -> None:
+    """A `user` certificate must never mean root: its job cannot read the CA key."""
+    pki = served.data_dir / "pki"
+    issued = served.cli("certs", "issue", str(pki), "--name", "alice", "--role", "user")
+    assert issued.returncode == 0, issued.stderr
+    alice = {
+        **served.env,
+        "JOBWORKER_CERT": str(pki / "alice.pem"),
+        "JOBWORKER_KEY": str(pki / "alice-key.pem"),
+    }
+    key = (pki / "client-ca-key.pem").read_text()
+    ran = subprocess.run(
+        [*JOBWORKER, "run", "--", "sh", "-c", f"id -u; cat {pki}/client-ca-key.pem"],
+        env=alice,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    output = ran.stdout.decode()
+    assert ran.returncode == 1, output
+    assert int(output.split()[0]) != 0, "the job ran as root"
+    assert "PRIVATE KEY" not in output and key not in output
+    assert "No such file or directory" in output, "the data directory is out of its sight"
+
+    refused = subprocess.run(
+        [*JOBWORKER, "start", "--user", "root", "--", "id"],
+        env=alice,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.decode() == (
+        "error: role 'user' may not choose the account a job runs as\n"
+    )
+    listed = served.cli("list", "--json")
+    assert len(json.loads(listed.stdout)) == 1, "the refused start left no job"
+
+
+def test_env_cwd_and_network_options(served: Served) -> None:
+    ran = served.cli(
+        "run",
+        "--env",
+        "GREETING=hello there",
+        "-e",
+        "EMPTY=",
+        "--cwd",
+        "/",
+        "--network",
+        "none",
+        "--",
+        "sh",
+        "-c",
+        'echo "$GREETING|$EMPTY|$(pwd)|$(ls /sys/class/net)"',
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == b"hello there||/|lo\n"
+    (job,) = json.loads(served.cli("list", "--json").stdout)
+    assert (job["env"], job["cwd"], job["network"], job["user"]) == (
+        {"GREETING": "hello there", "EMPTY": ""},
+        "/",
+        "none",
+        None,
+    )
+    assert job["uid"] >= 65536
+    bad = served.cli("start", "--env", "NOVALUE", "--", "true")
+    assert (bad.returncode, bad.stderr) == (1, b"error: --env takes NAME=VALUE, not 'NOVALUE'\n")

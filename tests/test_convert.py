@@ -21,8 +21,16 @@ from jobworker._proto_convert import (
     status_from_proto,
     status_to_proto,
 )
-from jobworker.errors import JobworkerError
-from jobworker.worker.models import JobSpec, JobState, JobStatus, Limits, OutputChunk, Usage
+from jobworker.errors import InvalidArgument, JobworkerError
+from jobworker.worker.models import (
+    JobSpec,
+    JobState,
+    JobStatus,
+    Limits,
+    Network,
+    OutputChunk,
+    Usage,
+)
 
 JOB_ID = "3f2b8c1e-7d4a-4e6b-9c2d-1a5f0e9b7c34"
 STARTED = datetime(2026, 11, 28, 6, 15, 38, 682319, tzinfo=UTC)
@@ -48,6 +56,11 @@ FULL = JobStatus(
     ),
     unenforced=frozenset({"io_write_bps", "pids", "cpu_millis", "memory_bytes", "io_read_bps"}),
     usage=Usage(cpu_usec=(1 << 64) - 1, memory_peak_bytes=52_428_800),
+    env={"GREETING": "héllo", "EMPTY": ""},
+    cwd="/srv/work dir",
+    user="root",
+    uid=(1 << 32) - 2,
+    network=Network.NONE,
 )
 
 MINIMAL = JobStatus(
@@ -250,6 +263,21 @@ def test_absent_limits_message_means_no_limits() -> None:
     request = pb.StartJobRequest.parse(bytes(pb.StartJobRequest(program="ls")))
     assert request.limits is None
     assert spec_from_proto(request, owner="carol") == JobSpec(program="ls", owner="carol")
+
+
+@pytest.mark.parametrize("network", [None, Network.HOST, Network.NONE])
+def test_placement_round_trips_through_a_start_request(network: Network | None) -> None:
+    spec = JobSpec(program="env", env={"A": "1", "B": ""}, cwd="/tmp", user="root", network=network)
+    request = pb.StartJobRequest.parse(bytes(spec_to_proto(spec)))
+    assert spec_from_proto(request, owner="") == spec
+    unset = pb.StartJobRequest.parse(bytes(pb.StartJobRequest(program="env")))
+    assert spec_from_proto(unset, owner="") == JobSpec(program="env")
+
+
+def test_an_unknown_network_is_the_callers_error() -> None:
+    request = pb.StartJobRequest(program="env", network=7)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="unknown network 7"):
+        spec_from_proto(pb.StartJobRequest.parse(bytes(request)), owner="")
 
 
 def test_spec_round_trips_through_a_start_request() -> None:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, NoReturn, TypeVar
 
@@ -24,7 +25,8 @@ from jobworker.cli.units import parse_cpus, parse_size
 from jobworker.client import Client
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.server.app import ServerConfig, parse_listen, serve
-from jobworker.worker import JobState, Limits, WorkerConfig
+from jobworker.worker import JobState, JobStatus, Limits, Network, WorkerConfig
+from jobworker.worker.config import DEFAULT_JOB_UIDS, parse_uid_range
 
 __all__ = ["app", "default_data_dir", "main"]
 
@@ -145,6 +147,60 @@ _IoWrite = Annotated[
     str | None, typer.Option("--io-write-bps", help="Write limit per second, e.g. 10M.")
 ]
 _Command = Annotated[list[str], typer.Argument(metavar="-- PROGRAM [ARGS]...", show_default=False)]
+_Env = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", metavar="NAME=VALUE", help="Environment variable (repeatable)."),
+]
+_Cwd = Annotated[
+    str | None,
+    typer.Option("--cwd", help="Directory to start in (default: the job's own directory)."),
+]
+_User = Annotated[
+    str | None,
+    typer.Option(
+        "--user", help="Run as this host account (admins only; the server must allow it)."
+    ),
+]
+_Network = Annotated[
+    Network | None,
+    typer.Option("--network", help="host, or none: loopback only (default: the server's choice)."),
+]
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where and as whom a job runs: the options start and run share."""
+
+    env: dict[str, str]
+    cwd: str | None
+    user: str | None
+    network: Network | None
+
+
+def _placement(
+    env: list[str] | None, cwd: str | None, user: str | None, network: Network | None
+) -> _Placement:
+    variables = {}
+    for item in env or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            _fail(f"--env takes NAME=VALUE, not {item!r}")
+        variables[name] = value
+    return _Placement(variables, cwd, user, network)
+
+
+async def _start(
+    client: Client, command: list[str], limits: Limits, placement: _Placement
+) -> JobStatus:
+    return await client.start(
+        command[0],
+        command[1:],
+        limits,
+        env=placement.env,
+        cwd=placement.cwd,
+        user=placement.user,
+        network=placement.network,
+    )
 
 
 def _limits(
@@ -173,14 +229,19 @@ def start(
     pids_limit: _Pids = None,
     io_read_bps: _IoRead = None,
     io_write_bps: _IoWrite = None,
+    env: _Env = None,
+    cwd: _Cwd = None,
+    user: _User = None,
+    network: _Network = None,
 ) -> None:
     """Start a job; print its id."""
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
+    placement = _placement(env, cwd, user, network)
     client = _client()
 
     async def go() -> str:
         async with client:
-            return (await client.start(command[0], command[1:], limits)).id
+            return (await _start(client, command, limits, placement)).id
 
     typer.echo(_run(go))
 
@@ -266,14 +327,19 @@ def run(
     pids_limit: _Pids = None,
     io_read_bps: _IoRead = None,
     io_write_bps: _IoWrite = None,
+    env: _Env = None,
+    cwd: _Cwd = None,
+    user: _User = None,
+    network: _Network = None,
 ) -> None:
     """Start a job, stream its output, and exit with its exit code (128+signal if killed)."""
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
+    placement = _placement(env, cwd, user, network)
     client = _client()
 
     async def go() -> int:
         async with client:
-            started = await client.start(command[0], command[1:], limits)
+            started = await _start(client, command, limits, placement)
             await _copy_output(client, started.id, 0)
             final = await client.status(started.id)
         if final.state is JobState.RUNNING:  # pragma: no cover - output ends only at the end
@@ -352,6 +418,34 @@ def serve_command(
             envvar="JOBWORKER_MAX_PIDS_LIMIT", help="Highest process limit a job may ask for."
         ),
     ] = None,
+    job_uids: Annotated[
+        str,
+        typer.Option(
+            envvar="JOBWORKER_JOB_UIDS",
+            metavar="FIRST-LAST",
+            help="Unprivileged uids for jobs, one per running job; none may be a host account.",
+        ),
+    ] = "{}-{}".format(*DEFAULT_JOB_UIDS),
+    run_as: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_RUN_AS",
+            metavar="USER",
+            help="Run every job as this host account instead of a uid of its own.",
+        ),
+    ] = None,
+    allow_user: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="JOBWORKER_ALLOW_USERS",
+            metavar="USER",
+            help="A host account admins may run jobs as with start --user (repeatable).",
+        ),
+    ] = None,
+    default_network: Annotated[
+        Network,
+        typer.Option(envvar="JOBWORKER_DEFAULT_NETWORK", help="Network of jobs that choose none."),
+    ] = Network.HOST,
 ) -> None:
     """Run the jobworker server until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -368,6 +462,10 @@ def serve_command(
             stop_grace=stop_grace,
             default_limits=_limits(default_memory, default_cpus, default_pids_limit, None, None),
             max_limits=_limits(max_memory, max_cpus, max_pids_limit, None, None),
+            job_uids=parse_uid_range(job_uids),
+            run_as=run_as,
+            allowed_users=frozenset(allow_user or ()),
+            default_network=default_network,
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)

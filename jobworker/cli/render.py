@@ -29,6 +29,11 @@ def status_json(status: JobStatus) -> dict[str, Any]:
         "args": list(status.args),
         "started_at": _time(status.started_at),
         "ended_at": _time(status.ended_at),
+        "user": status.user or None,
+        "uid": status.uid,
+        "network": status.network.value,
+        "cwd": status.cwd,
+        "env": dict(status.env),
         "limits": status.limits.items(),
         "unenforced_limits": sorted(status.unenforced),
         "usage": {
@@ -50,6 +55,10 @@ def _limits(limits: Limits, unenforced: frozenset[str]) -> str:
     return ", ".join(parts) or "none"
 
 
+def _account(status: JobStatus) -> str:
+    return f"{status.user} (uid {status.uid})" if status.user else f"uid {status.uid} (its own)"
+
+
 def _outcome(status: JobStatus) -> str:
     if status.signal is not None:
         return f"signal {status.signal}"
@@ -65,6 +74,10 @@ def status_lines(status: JobStatus) -> list[str]:
         ("state", status.state.value),
         ("command", _command(status)),
         ("owner", status.owner),
+        ("runs as", _account(status)),
+        ("network", status.network.value),
+        ("cwd", status.cwd),
+        ("env", shlex.join(f"{k}={v}" for k, v in status.env.items()) or "-"),
         ("pid", str(status.pid)),
         ("result", _outcome(status)),
         ("oom killed", "yes" if status.oom_killed else "no"),

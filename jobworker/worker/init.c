@@ -11,8 +11,9 @@
  *        a job without network, bringing up its loopback);
  *     3. forks the init;
  *   init (PID 1 of the job's PID namespace, still root)
- *     4. makes every mount private, mounts the job's own /proc, its own view of the cgroup
- *        tree, empty /tmp, /var/tmp and /dev/shm, and hides the worker's data directory
+ *     4. makes every mount private, mounts the job's own /proc (and /sys, read-only, when it
+ *        has a network namespace of its own), its own view of the cgroup tree, empty /tmp,
+ *        /var/tmp and /dev/shm, and hides the worker's data directory
  *        behind an empty read-only tmpfs that holds only the job's working directory;
  *     5. forks the program;
  *   program (PID 2)
@@ -151,12 +152,16 @@ static void mount_private_tmp(const char *path) {
 }
 
 /* The job's view of the file system (run by the init, in the new mount namespace). */
-static void set_up_mounts(const char *data_dir, const char *work_dir) {
+static void set_up_mounts(const char *data_dir, const char *work_dir, int own_network) {
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) fail("mount-private");
     int work_fd = work_dir ? open(work_dir, O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
     if (work_dir && work_fd < 0) fail("workdir");
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         fail("mount-proc");
+    /* sysfs shows the network devices of the namespace that mounted it. */
+    if (own_network && is_dir("/sys") &&
+        mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+        fail("mount-sys");
     if (is_dir("/sys/fs/cgroup") &&
         mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
               NULL) < 0)
@@ -210,9 +215,9 @@ static void exec_program(const struct job *job) {
 
 /* PID 1 of the job's namespace: start the program, pass its end to the monitor, exit. */
 static void run_init(const struct job *job, const char *data_dir, const char *work_dir,
-                     int status_fd) {
+                     int own_network, int status_fd) {
     for (size_t i = 0; i < N_FORWARDED; i++) signal(forwarded[i], SIG_IGN);
-    set_up_mounts(data_dir, work_dir);
+    set_up_mounts(data_dir, work_dir, own_network);
     pid_t program = fork();
     if (program < 0) fail("fork");
     if (program == 0) {
@@ -290,7 +295,7 @@ static int run(int argc, char **argv) {
     if (init < 0) fail("fork");
     if (init == 0) {
         close(status_pipe[0]);
-        run_init(&job, data_dir, work_dir, status_pipe[1]);
+        run_init(&job, data_dir, work_dir, strchr(flags, 'n') != NULL, status_pipe[1]);
     }
     close(status_pipe[1]);
     close(report_fd);
@@ -321,7 +326,7 @@ static int check(const char *flags) {
     pid_t child = fork();
     if (child < 0) fail("fork");
     if (child == 0) {
-        set_up_mounts(NULL, NULL);
+        set_up_mounts(NULL, NULL, strchr(flags, 'n') != NULL);
         _exit(0);
     }
     int status;
