@@ -23,6 +23,7 @@ from jobworker.certs import (
 )
 from jobworker.client import Client
 from jobworker.errors import (
+    DataLoss,
     FailedPrecondition,
     InvalidArgument,
     JobNotFound,
@@ -185,18 +186,17 @@ async def test_a_limit_the_host_cannot_enforce_is_failed_precondition(
         assert await admin.list() == []
 
 
-async def test_an_unexpected_server_fault_is_internal_and_tells_nothing(
+async def test_a_removed_log_file_is_data_loss_and_tells_no_path(
     connect: Callable[[str], Client], config: WorkerConfig
 ) -> None:
     async with connect("admin") as admin:
         job = await admin.start("echo", ["hi"])
         await read_output(admin, job.id)
         (config.data_dir / "logs" / f"{job.id}.log").unlink()  # an operator removed the log
-        with pytest.raises(JobworkerError) as caught:
+        with pytest.raises(DataLoss, match="no longer on the server") as caught:
             await read_output(admin, job.id)
-        assert type(caught.value) is JobworkerError
-        assert "INTERNAL" in str(caught.value)
         assert str(config.data_dir) not in str(caught.value)
+        assert (await admin.status(job.id)).state is JobState.COMPLETED, "the job record stays"
 
 
 async def test_several_clients_streaming_one_job_get_identical_bytes(
