@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from datetime import UTC, datetime, timedelta
 
@@ -392,10 +393,17 @@ async def test_refused_calls_are_audited(
     async with pki.running_server(ca.server_context()) as server:
         with pytest.raises(GRPCError):
             await pki.call(server.port, ca.client_context("alice"), WORKER + "StopJob")
-    assert audit_lines(audit_log) == [
+    (line,) = audit_lines(audit_log)
+    head, peer, serial = line.rsplit(" ", 2)
+    assert head == (
         "audit who=alice role=user rpc=StopJob job=- outcome=permission_denied "
         "detail=\"role 'user' may not call StopJob\""
-    ]
+    )
+    # The line names the connection: the client's address and its certificate's serial.
+    assert re.fullmatch(r"peer=127\.0\.0\.1:\d+", peer)
+    alice = x509.load_pem_x509_certificate(ca.clients["alice"].cert.read_bytes())
+    assert serial.startswith("serial=")
+    assert int(serial.removeprefix("serial="), 16) == alice.serial_number
 
 
 @pytest.mark.anyio
