@@ -20,9 +20,10 @@ import signal
 import socket
 import weakref
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 from grpclib.config import Configuration
@@ -30,9 +31,14 @@ from grpclib.events import RecvRequest, listen
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+if TYPE_CHECKING:
+    from grpclib._typing import IServable
+
 from jobworker.auth import install_auth
 from jobworker.auth.hook import peer_transport
 from jobworker.errors import ConfigError
+from jobworker.server.limits import ServerLimits
+from jobworker.server.receive import install_receive_limits
 from jobworker.server.service import WorkerService
 from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
@@ -60,6 +66,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     drain_timeout: float = 1.0
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -89,6 +96,7 @@ class JobworkerServer:
     """A running server: ``async with JobworkerServer(config) as server: ...``."""
 
     def __init__(self, config: ServerConfig) -> None:
+        config.limits.validate()
         self.config = config
         self._stack = AsyncExitStack()
         self._service: WorkerService | None = None
@@ -106,14 +114,24 @@ class JobworkerServer:
             sock = _listening_socket(self.config.host, self.config.port)
             stack.callback(sock.close)
             self._service = WorkerService(worker)
+            servables: list[IServable] = [self._service, Health()]
             self._server = Server(
-                [self._service, Health()],
+                servables,
                 config=Configuration(
                     http2_connection_window_size=_H2_WINDOW,
                     http2_stream_window_size=_H2_WINDOW,
                 ),
             )
             install_auth(self._server)
+            install_receive_limits(
+                self._server,
+                {
+                    path: not handler.cardinality.client_streaming
+                    for servable in servables
+                    for path, handler in servable.__mapping__().items()
+                },
+                self.config.limits.max_message_size,
+            )
             listen(self._server, RecvRequest, self._track_connection)
             await self._server.start(sock=sock, ssl=ssl_context)
             stack.push_async_callback(self._close_server)
