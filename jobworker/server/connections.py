@@ -8,6 +8,7 @@ connections within the limits of :class:`~jobworker.server.limits.ServerLimits`:
 * a connection over ``max_connections`` in all, or ``max_connections_per_peer`` from one
   IP address, is closed at once, before any TLS work (logged, at most once a second);
 * the TLS handshake must end within ``handshake_timeout`` seconds, or the socket is closed;
+  no TLS state is allocated before the client sends its first bytes;
 * out of descriptors (EMFILE, ENFILE) or buffers, accepting pauses briefly and resumes: the
   server never stops listening because of it;
 * each connection announces ``max_concurrent_streams`` (SETTINGS_MAX_CONCURRENT_STREAMS);
@@ -65,6 +66,22 @@ def _h2_of(protocol: H2Protocol) -> h2.connection.H2Connection:
     if not isinstance(h2_conn, h2.connection.H2Connection):
         raise ConfigError("grpclib's protocol no longer holds an h2 connection")
     return h2_conn
+
+
+async def _readable(conn: socket.socket) -> None:
+    """Wait until ``conn`` has bytes to read (or is closed by the client)."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(conn.fileno())
 
 
 class _RateLog:
@@ -304,12 +321,19 @@ class ConnectionGuard:
             inner = self._server._protocol_factory()
             return _GuardedProtocol(inner, slot, self._limits)
 
+        started = loop.time()
         try:
+            # No TLS state (asyncio keeps a 256 KiB buffer per TLS connection) until the
+            # client has sent its first bytes; the whole handshake shares one deadline.
+            await asyncio.wait_for(_readable(conn), self._limits.handshake_timeout)
+            remaining = self._limits.handshake_timeout - (loop.time() - started)
+            if remaining <= 0:
+                raise TimeoutError("the TLS handshake did not complete in time")
             await loop.connect_accepted_socket(
                 protocol,
                 sock=conn,
                 ssl=self._ssl,
-                ssl_handshake_timeout=self._limits.handshake_timeout if self._ssl else None,
+                ssl_handshake_timeout=remaining if self._ssl else None,
             )
         except (OSError, TimeoutError, asyncio.CancelledError) as exc:
             # A refused or slow handshake: TLS says why (the server logs it at debug level).
