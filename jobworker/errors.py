@@ -10,14 +10,17 @@ status it travels as; the server maps errors to statuses in one place
     |   +-- InvalidCommand
     |   +-- InvalidLimits
     |   +-- InvalidOffset
+    |   +-- InvalidMessage
     +-- NotFound                        NOT_FOUND
     |   +-- JobNotFound
     +-- FailedPrecondition              FAILED_PRECONDITION
     |   +-- LimitNotEnforceable
     +-- PermissionDenied                PERMISSION_DENIED
     +-- Unauthenticated                 UNAUTHENTICATED
+    +-- ResourceExhausted               RESOURCE_EXHAUSTED
     +-- Unavailable                     UNAVAILABLE
     |   +-- WorkerClosed
+    +-- DataLoss                        DATA_LOSS
     +-- CgroupError                     INTERNAL
     +-- ConfigError                     (start-up only, never sent)
 
@@ -34,17 +37,20 @@ from grpclib.const import Status
 __all__ = [
     "CgroupError",
     "ConfigError",
+    "DataLoss",
     "FailedPrecondition",
     "InvalidArgument",
     "InvalidCommand",
     "InvalidJobId",
     "InvalidLimits",
+    "InvalidMessage",
     "InvalidOffset",
     "JobNotFound",
     "JobworkerError",
     "LimitNotEnforceable",
     "NotFound",
     "PermissionDenied",
+    "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
     "WorkerClosed",
@@ -82,6 +88,12 @@ class InvalidLimits(InvalidArgument):
 
 class InvalidOffset(InvalidArgument):
     """An output offset that is negative or past the end of a finished job's output."""
+
+
+class InvalidMessage(InvalidArgument):
+    """A request that is not a well-formed gRPC message of the expected type: a broken
+    length prefix, a compressed flag, bytes that are not valid protobuf for the message,
+    or no message at all."""
 
 
 class NotFound(JobworkerError):
@@ -126,6 +138,19 @@ class WorkerClosed(Unavailable):
     """The worker is shutting down and takes no new work."""
 
 
+class ResourceExhausted(JobworkerError):
+    """A limit of the server was reached (a message too large, too many connections);
+    the message says which one."""
+
+    grpc_status = Status.RESOURCE_EXHAUSTED
+
+
+class DataLoss(JobworkerError):
+    """Data the server had promised to keep is gone (a job's output log was removed)."""
+
+    grpc_status = Status.DATA_LOSS
+
+
 class CgroupError(JobworkerError):
     """The cgroup hierarchy did not behave as expected (a server-side fault)."""
 
@@ -142,6 +167,8 @@ _BY_STATUS: dict[Status, type[JobworkerError]] = {
     Status.PERMISSION_DENIED: PermissionDenied,
     Status.UNAUTHENTICATED: Unauthenticated,
     Status.UNAVAILABLE: Unavailable,
+    Status.RESOURCE_EXHAUSTED: ResourceExhausted,
+    Status.DATA_LOSS: DataLoss,
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from datetime import UTC, datetime, timedelta
 
@@ -42,7 +43,7 @@ from jobworker.auth import (
     peer_certificate_der,
     use_identity,
 )
-from jobworker.auth.audit import AUDIT_LOGGER
+from jobworker.auth.audit import AUDIT_LOGGER, MAX_FIELD_CHARS, using_connection
 from jobworker.auth.hook import peer_transport
 from jobworker.auth.policy import split_path
 from jobworker.auth.roles import ROLE_OID, decode_utf8string, encode_utf8string, parse_role
@@ -203,6 +204,34 @@ def test_a_bad_role_is_permission_denied(der: bytes, message: str) -> None:
         identity_from_der(der)
 
 
+def duplicated_role_cert() -> bytes:
+    """A certificate carrying the role extension twice (no builder makes one: the second
+    is added under a placeholder OID of the same length, then renamed in the DER; the
+    identity code reads the DER without checking the signature, as TLS already did)."""
+    placeholder = x509.ObjectIdentifier(ROLE_OID.dotted_string[:-1] + "3")
+    ext = x509.UnrecognizedExtension(placeholder, encode_utf8string("admin"))
+    der = raw_cert(cn("mallory"), role_ext(encode_utf8string("user")), ext)
+    old, new = _oid_der(placeholder), _oid_der(ROLE_OID)
+    assert len(old) == len(new) and der.count(old) == 1
+    return der.replace(old, new)
+
+
+def _oid_der(oid: x509.ObjectIdentifier) -> bytes:
+    arcs = [int(a) for a in oid.dotted_string.split(".")]
+    body = b""
+    for arc in [arcs[0] * 40 + arcs[1], *arcs[2:]]:
+        chunk = [arc & 0x7F]
+        while arc := arc >> 7:
+            chunk.append(0x80 | (arc & 0x7F))
+        body += bytes(reversed(chunk))
+    return bytes([0x06, len(body)]) + body
+
+
+def test_a_duplicated_role_extension_is_permission_denied_not_a_crash() -> None:
+    with pytest.raises(PermissionDenied, match="more than once"):
+        identity_from_der(duplicated_role_cert())
+
+
 # --- the pure policy --------------------------------------------------------------------
 
 ALLOWED = {
@@ -320,6 +349,28 @@ def test_audit_values_cannot_forge_lines_or_fields(audit_log: pytest.LogCaptureF
     )
 
 
+def test_audit_fields_are_cut_to_a_fixed_size_with_the_full_size_noted(
+    audit_log: pytest.LogCaptureFixture,
+) -> None:
+    huge = "a" * 1_000_000
+    audit(ALICE, "GetJobStatus", huge, Status.INVALID_ARGUMENT, detail="é" * 100_000)
+    (line,) = audit_lines(audit_log)
+    assert len(line) < 4_000, "a 1 MB job id must not make a 1 MB line"
+    assert f' job="{"a" * MAX_FIELD_CHARS}...[1000000 chars]" ' in line
+    assert "[100000 chars]" in line
+    assert getattr(audit_log.records[0], "audit")["job"].endswith("...[1000000 chars]")  # noqa: B009
+
+
+def test_audit_lines_name_the_connection_when_known(audit_log: pytest.LogCaptureFixture) -> None:
+    with using_connection("127.0.0.1:5000", "0A1B"):
+        audit(ALICE, "ListJobs")
+    audit(ALICE, "ListJobs")
+    assert audit_lines(audit_log) == [
+        "audit who=alice role=user rpc=ListJobs job=- outcome=ok peer=127.0.0.1:5000 serial=0A1B",
+        "audit who=alice role=user rpc=ListJobs job=- outcome=ok",
+    ]
+
+
 def test_current_identity_needs_a_caller() -> None:
     with pytest.raises(Unauthenticated):
         current_identity()
@@ -380,6 +431,28 @@ async def test_the_hook_hands_every_worker_rpc_to_the_service(
         assert seen.peer_der == der_of(
             x509.load_pem_x509_certificate(ca.clients[name].cert.read_bytes())
         )
+
+
+@pytest.mark.anyio
+async def test_refused_calls_are_audited(
+    ca: pki.PkiFixture, audit_log: pytest.LogCaptureFixture
+) -> None:
+    async with pki.running_server(ca.server_context()) as server:
+        with pytest.raises(GRPCError) as refused:
+            await pki.call(server.port, ca.client_context("norole"), WORKER + "StartJob")
+        assert refused.value.status is Status.PERMISSION_DENIED
+        assert server.worker.calls == []
+    (line,) = audit_lines(audit_log)
+    head, peer, serial = line.rsplit(" ", 2)
+    assert head == (
+        "audit who=norole role=- rpc=StartJob job=- outcome=permission_denied "
+        "detail=\"certificate 'norole' carries no role\""
+    )
+    # The line names the connection: the client's address and its certificate's serial.
+    assert re.fullmatch(r"peer=127\.0\.0\.1:\d+", peer)
+    alice = x509.load_pem_x509_certificate(ca.clients["norole"].cert.read_bytes())
+    assert serial.startswith("serial=")
+    assert int(serial.removeprefix("serial="), 16) == alice.serial_number
 
 
 @pytest.mark.anyio

@@ -35,7 +35,7 @@ async def test_accepted_connections_have_nagle_off(tmp_path: Path, cgroup_root: 
         )
         async with client:
             await client.list()
-            connections = list(server._connections)
+            connections = server.connections.transports()
             assert connections
             for transport in connections:
                 sock = transport.get_extra_info("socket")

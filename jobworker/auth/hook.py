@@ -11,7 +11,8 @@
    :func:`current_identity` (the hook runs in the handler's own task).
 
 A refusal raises ``GRPCError(UNAUTHENTICATED or PERMISSION_DENIED, reason)``, so grpclib
-answers the call without running the handler, and logs one audit line.
+answers the call without running the handler, and logs one audit line. Every audit line
+of the call names the client's address and its certificate's serial number.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from grpclib.exceptions import GRPCError
 from grpclib.protocol import Peer
 from grpclib.server import Server
 
-from jobworker.auth.audit import audit
+from jobworker.auth.audit import audit, set_connection
 from jobworker.auth.identity import Identity, common_name, identity_from_der, load_peer_certificate
 from jobworker.auth.policy import WORKER_SERVICE, check_path, split_path
 from jobworker.errors import PermissionDenied, Unauthenticated
 
 __all__ = [
+    "current_caller",
     "current_identity",
     "install_auth",
+    "peer_address",
     "peer_certificate_der",
     "peer_transport",
+    "rpc_name",
     "use_identity",
 ]
 
@@ -77,6 +81,39 @@ def peer_certificate_der(stream: HasPeer) -> bytes | None:
     return ssl_object.getpeercert(binary_form=True)
 
 
+def peer_address(stream: HasPeer) -> str | None:
+    """The client's ``host:port`` (``[host]:port`` for IPv6), or None if unknown."""
+    try:
+        addr = stream.peer.addr()
+    except (AttributeError, OSError):
+        return None
+    if not isinstance(addr, tuple) or len(addr) < 2:
+        return None
+    host, port = str(addr[0]), addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _serial(stream: HasPeer) -> str | None:
+    """The client certificate's serial number in hex, as OpenSSL reports it."""
+    try:
+        cert = stream.peer.cert()
+    except (AttributeError, ValueError, OSError):
+        return None
+    serial = cert.get("serialNumber") if cert else None
+    return serial if isinstance(serial, str) else None
+
+
+def rpc_name(path: str) -> str:
+    """How audit lines name a call: the Worker method, or the full path of anything else."""
+    service, method = split_path(path)
+    return method if service == WORKER_SERVICE else path
+
+
+def current_caller() -> Identity | None:
+    """The identity of the caller whose handler is running, if the hook established one."""
+    return _current.get()
+
+
 def current_identity() -> Identity:
     """The identity of the caller whose handler is running, or raise Unauthenticated."""
     identity = _current.get()
@@ -105,8 +142,8 @@ def _who(der: bytes | None) -> str | None:
 
 async def _on_request(event: RecvRequest) -> None:
     path = event.method_name
-    service, method = split_path(path)
-    rpc = method if service == WORKER_SERVICE else path
+    rpc = rpc_name(path)
+    set_connection(peer_address(event), _serial(event))
     der = peer_certificate_der(event)
     identity: Identity | None = None
     try:

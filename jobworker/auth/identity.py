@@ -68,6 +68,10 @@ def _role(cert: x509.Certificate, name: str) -> Role:
         extension = cert.extensions.get_extension_for_oid(ROLE_OID)
     except x509.ExtensionNotFound:
         raise PermissionDenied(f"certificate {name!r} carries no role") from None
+    except x509.DuplicateExtension as exc:
+        raise PermissionDenied(
+            f"certificate {name!r} carries the extension {exc.oid.dotted_string} more than once"
+        ) from None
     except ValueError:
         raise PermissionDenied(f"certificate {name!r} has unreadable extensions") from None
     value = extension.value

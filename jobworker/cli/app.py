@@ -25,6 +25,7 @@ from jobworker.cli.units import parse_cpus, parse_size
 from jobworker.client import Client
 from jobworker.errors import ConfigError, JobworkerError
 from jobworker.server.app import ServerConfig, parse_listen, serve
+from jobworker.server.limits import ServerLimits
 from jobworker.worker import JobState, JobStatus, Limits, Network, WorkerConfig
 from jobworker.worker.config import DEFAULT_JOB_UIDS, parse_uid_range
 
@@ -446,6 +447,13 @@ def serve_command(
         Network,
         typer.Option(envvar="JOBWORKER_DEFAULT_NETWORK", help="Network of jobs that choose none."),
     ] = Network.HOST,
+    max_message_size: Annotated[
+        str,
+        typer.Option(
+            envvar="JOBWORKER_MAX_MESSAGE_SIZE",
+            help="Largest request message; larger ones get RESOURCE_EXHAUSTED unread.",
+        ),
+    ] = "4M",
 ) -> None:
     """Run the jobworker server until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -469,8 +477,18 @@ def serve_command(
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)
+    try:
+        limits = ServerLimits(max_message_size=parse_size(max_message_size)).validate()
+    except (ValueError, JobworkerError) as exc:
+        _fail(exc.message if isinstance(exc, JobworkerError) else str(exc))
     config = ServerConfig(
-        worker=worker, tls_cert=tls[0], tls_key=tls[1], client_ca=tls[2], host=host, port=port
+        worker=worker,
+        tls_cert=tls[0],
+        tls_key=tls[1],
+        client_ca=tls[2],
+        host=host,
+        port=port,
+        limits=limits,
     )
     _run(lambda: serve(config))
 

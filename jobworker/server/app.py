@@ -5,34 +5,37 @@ Shutdown (SIGTERM, SIGINT, or leaving :class:`JobworkerServer`) goes in this ord
 1. new calls are refused and open calls, output streams included, end with UNAVAILABLE;
 2. up to ``drain_timeout`` seconds for those answers to be sent;
 3. the listening socket is closed and any call still running is cancelled;
-4. every client connection is closed (Python 3.12+ would otherwise wait for clients to
-   hang up before ``wait_closed`` returns);
+4. every client connection is closed, handshakes in progress included (Python 3.12+
+   would otherwise wait for clients to hang up before ``wait_closed`` returns);
 5. the worker stops every running job (SIGTERM, its grace period, then ``cgroup.kill``)
    and removes their cgroups.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 import socket
-import weakref
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 from grpclib.config import Configuration
-from grpclib.events import RecvRequest, listen
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+if TYPE_CHECKING:
+    from grpclib._typing import IServable
+
 from jobworker.auth import install_auth
-from jobworker.auth.hook import peer_transport
 from jobworker.errors import ConfigError
+from jobworker.server.connections import ConnectionGuard
+from jobworker.server.limits import ServerLimits
+from jobworker.server.receive import install_receive_limits
 from jobworker.server.service import WorkerService
 from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
@@ -60,6 +63,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     drain_timeout: float = 1.0
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -89,11 +93,12 @@ class JobworkerServer:
     """A running server: ``async with JobworkerServer(config) as server: ...``."""
 
     def __init__(self, config: ServerConfig) -> None:
+        config.limits.validate()
         self.config = config
         self._stack = AsyncExitStack()
         self._service: WorkerService | None = None
         self._server: Server | None = None
-        self._connections: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+        self._guard: ConnectionGuard | None = None
         self.port = config.port
 
     async def __aenter__(self) -> JobworkerServer:
@@ -106,16 +111,26 @@ class JobworkerServer:
             sock = _listening_socket(self.config.host, self.config.port)
             stack.callback(sock.close)
             self._service = WorkerService(worker)
+            servables: list[IServable] = [self._service, Health()]
             self._server = Server(
-                [self._service, Health()],
+                servables,
                 config=Configuration(
                     http2_connection_window_size=_H2_WINDOW,
                     http2_stream_window_size=_H2_WINDOW,
                 ),
             )
             install_auth(self._server)
-            listen(self._server, RecvRequest, self._track_connection)
-            await self._server.start(sock=sock, ssl=ssl_context)
+            install_receive_limits(
+                self._server,
+                {
+                    path: not handler.cardinality.client_streaming
+                    for servable in servables
+                    for path, handler in servable.__mapping__().items()
+                },
+                self.config.limits.max_message_size,
+            )
+            self._guard = ConnectionGuard(self._server, sock, ssl_context, self.config.limits)
+            self._guard.start()
             stack.push_async_callback(self._close_server)
             self.port = sock.getsockname()[1]
             log.info("serving on %s:%d", self.config.host, self.port)
@@ -130,10 +145,11 @@ class JobworkerServer:
     ) -> None:
         await self._stack.aclose()
 
-    async def _track_connection(self, event: RecvRequest) -> None:
-        transport = peer_transport(event)
-        if transport is not None:
-            self._connections.add(transport)
+    @property
+    def connections(self) -> ConnectionGuard:
+        """The accepted connections and their limits."""
+        assert self._guard is not None, "the server is not running"
+        return self._guard
 
     async def _close_server(self) -> None:
         with anyio.CancelScope(shield=True):  # runs to the end even if its caller is cancelled
@@ -147,8 +163,8 @@ class JobworkerServer:
         with anyio.move_on_after(self.config.drain_timeout):
             await self._service.wait_idle()
         self._server.close()
-        for transport in list(self._connections):
-            transport.close()
+        assert self._guard is not None
+        self._guard.close_connections()
         with anyio.move_on_after(self.config.drain_timeout):
             await self._server.wait_closed()
         log.info("connections closed; stopping jobs")

@@ -34,7 +34,7 @@ from jobworker.auth import (
     current_identity,
     may_run_as_account,
 )
-from jobworker.errors import JobNotFound, PermissionDenied, Unavailable
+from jobworker.errors import DataLoss, InvalidOffset, JobNotFound, PermissionDenied, Unavailable
 from jobworker.server.errors import to_grpc_error
 from jobworker.worker import JobStatus, Worker, parse_job_id
 
@@ -43,6 +43,10 @@ __all__ = ["WorkerService"]
 log = logging.getLogger(__name__)
 
 _STREAM_PATH = "/jobworker.v1.Worker/StreamJobOutput"
+
+# The largest file offset the kernel can read at (an off_t), less one chunk: pread() refuses
+# a range that ends beyond it.
+_MAX_OFF_T = (1 << 63) - 1
 
 
 @dataclass
@@ -159,9 +163,19 @@ class WorkerService(pb.WorkerBase):
         assert request is not None
         with self._call(Rpc.STREAM_JOB_OUTPUT, request.job_id) as call:
             self._visible(call.identity, request.job_id)
-            async with self._worker.output(request.job_id, request.offset) as output:
-                async for chunk in output:
-                    await stream.send_message(chunk_to_proto(chunk))
+            if request.offset > _MAX_OFF_T - self._worker.config.chunk_size:
+                raise InvalidOffset(
+                    f"offset {request.offset} is beyond the largest output a job can have"
+                )
+            try:
+                async with self._worker.output(request.job_id, request.offset) as output:
+                    async for chunk in output:
+                        await stream.send_message(chunk_to_proto(chunk))
+            except FileNotFoundError:  # opening the log: nothing else here touches a path
+                raise DataLoss(
+                    f"the output of job {parse_job_id(request.job_id)} is no longer on the "
+                    "server (its log file was removed)"
+                ) from None
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, Any] = super().__mapping__()
