@@ -46,8 +46,8 @@ def _variants(cgroup: Path, data: Path) -> dict[str, Callable[[], Awaitable[None
     setpriv.append("--no-new-privs")
 
     async def helper(network: Network) -> None:
-        work = Path(data / "work" / f"w{time.monotonic_ns()}")
-        work.mkdir(parents=True)
+        work = data / "work" / f"w{time.monotonic_ns()}"
+        os.makedirs(work)
         launch = Launch(
             program="/bin/true",
             args=(),
@@ -62,7 +62,7 @@ def _variants(cgroup: Path, data: Path) -> dict[str, Callable[[], Awaitable[None
         process = await spawn_job(launch, 1)
         if await process.wait() != 0:
             raise RuntimeError("the helper's /bin/true failed")
-        work.rmdir()
+        os.rmdir(work)
 
     return {
         "spawn /bin/true": lambda: _run("/bin/true"),
