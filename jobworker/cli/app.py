@@ -21,9 +21,9 @@ import typer
 from jobworker.certs import PkiPaths, init_pki
 from jobworker.cli import certs
 from jobworker.cli.render import status_json, status_lines, status_table
-from jobworker.cli.units import parse_cpus, parse_size
 from jobworker.client import Client
 from jobworker.errors import ConfigError, JobworkerError
+from jobworker.models import parse_cpus, parse_size
 from jobworker.server.app import ServerConfig, parse_listen, serve
 from jobworker.server.limits import ServerLimits
 from jobworker.worker import JobState, JobStatus, Limits, Network, WorkerConfig

@@ -39,7 +39,7 @@ from jobworker._proto_convert import (
 from jobworker.client.channel import open_channel
 from jobworker.client.tls import client_ssl_context
 from jobworker.errors import JobworkerError, Unavailable, error_from_status
-from jobworker.worker.models import JobSpec, JobStatus, Limits, Network, OutputChunk
+from jobworker.models import JobSpec, JobStatus, Limits, Network, OutputChunk
 
 __all__ = ["Client", "OutputReader"]
 
