@@ -213,8 +213,8 @@ def with_client(
 
 async def _job_id(client: Client, text: str) -> str:
     """A job id from a full id or a unique prefix of one (as ``list`` shows them)."""
-    if len(text) == 36 or not text:
-        return text
+    if len(text) >= 36 or not text or text.strip("0123456789abcdefABCDEF-"):
+        return text  # a whole id, or not an id at all: the server says which
     found = [job.id for job in await client.list() if job.id.startswith(text.lower())]
     if len(found) == 1:
         return found[0]
