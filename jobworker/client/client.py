@@ -361,8 +361,9 @@ class OutputReader:
         stream, self._stream = self._stream, None
         if stream is not None and not self._finished:
             # Left before the end: end the call now, do not drain it. The server may have
-            # ended it already (an error nobody read yet); then there is nothing to cancel.
-            with contextlib.suppress(StreamClosedError):
+            # ended it already (an error nobody read yet), or the connection is gone; then
+            # there is nothing to cancel.
+            with contextlib.suppress(StreamClosedError, StreamTerminatedError, OSError):
                 await stream.cancel()
         stack, self._stack = self._stack, AsyncExitStack()
         with self._client.errors():
