@@ -307,11 +307,15 @@ async def test_output_gives_up_after_reconnect_for_with_one_clear_error(
     await relay.up()
     async with make_client(pki_paths, server.port) as direct:
         job = await direct.start("sh", ["-c", "echo up; exec sleep 60"])
+
+    async def read_while_cutting(client: Client) -> None:
+        async with client.output(job.id) as output:
+            async for _ in output:
+                await relay.cut()
+
     async with make_client(pki_paths, relay.port, reconnect_for=0.5) as client:
         with pytest.raises(Unavailable) as raised:
-            async with client.output(job.id) as output:
-                async for _ in output:
-                    await relay.cut()
+            await read_while_cutting(client)
     assert "could not reconnect" in raised.value.message
     assert "within 0.5 s" in raised.value.message
     async with make_client(pki_paths, server.port) as direct:
