@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -39,13 +40,23 @@ QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0)
 FULL = Mode("full", 1000, 256, 3, 16, 1000, 1000, 10.0)
 
 
+def _job_python() -> str:
+    """A python3 that a job may run: jobs run as an unprivileged uid of their own, and the
+    bench's interpreter usually lives under root's home (0700)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError("no python3 that jobs may run in /usr/bin or /usr/local/bin")
+
+
 @dataclass
 class Context:
     mode: Mode
     workspace: Workspace
-    python: str = sys.executable  # runs the server and the writer/ticker jobs
+    python: str = sys.executable  # runs the server and the baselines' helper processes
     chunk_size: int | None = None  # None: the server's default
     server_nofile: int | None = None  # the server's soft open-file limit; None: inherited
+    job_python: str = field(default_factory=_job_python)  # runs the writer/ticker jobs
 
     @property
     def effective_chunk(self) -> int:

@@ -65,7 +65,7 @@ async def measure(ctx: Context, out: Section) -> None:
     timeout = DELAY + count * PERIOD * 3 + 10
     async with ctx.server("follow") as server, server.client() as client:
         lines = _Lines()
-        job = await client.start(ctx.python, args)
+        job = await client.start(ctx.job_python, args)
         s0, c0, t0 = server.sample().cpu_s, self_cpu(), time.perf_counter()
         async with asyncio.timeout(timeout), client.output(job.id) as output:
             async for data in output:
@@ -76,7 +76,7 @@ async def measure(ctx: Context, out: Section) -> None:
         if len(jobworker) != count:
             raise BenchError(f"the follower got {len(jobworker)} lines, not {count}")
 
-        job = await client.start(ctx.python, args)
+        job = await client.start(ctx.job_python, args)
         async with asyncio.timeout(timeout):
             baseline = await _follow_file(server.log_file(job.id), count)
     base = "inotify + read, in process"

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import follow, scale, start, throughput
+from bench import follow, isolation, scale, start, throughput
 from bench.common import FULL, QUICK, Context, Section
 from bench.proc import MachineCpu, raise_nofile
 from bench.report import background_note, machine, markdown_table, plot, text_table, write_json
@@ -27,6 +27,7 @@ from bench.server import Workspace
 Measure = Callable[[Context, Section], Awaitable[None]]
 SECTIONS: dict[str, Measure] = {
     "start": start.measure,
+    "isolation": isolation.measure,
     "throughput": throughput.measure,
     "follow": follow.measure,
     "scale": scale.measure,

@@ -134,7 +134,7 @@ async def measure(ctx: Context, out: Section) -> None:
         first_at: list[int] = []
 
         async def live_run() -> tuple[int, float | None]:
-            job = await client.start(ctx.python, ["-I", str(WRITER), str(total)])
+            job = await client.start(ctx.job_python, ["-I", str(WRITER), str(total)])
             job_ids.append(job.id)
             return await _stream(client, job.id, checker, first_at)
 

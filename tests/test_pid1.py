@@ -356,12 +356,12 @@ def test_serve_as_pid_1_reaps_orphans_and_exits_0_on_sigterm(
     tree: dict[str, int] = {}
 
     def helpers_found() -> bool:
+        # The init is in the job's cgroup; its parent, the monitor, is the server's child.
         for pid in map(int, job_procs.read_text().split()):
             stat = proc_stat(pid)
-            if stat is not None and stat[1] == server.pid:
-                tree["monitor"] = pid
-            elif stat is not None and "monitor" in tree and stat[1] == tree["monitor"]:
-                tree["init"] = pid
+            monitor = proc_stat(stat[1]) if stat is not None else None
+            if stat is not None and monitor is not None and monitor[1] == server.pid:
+                tree["init"], tree["monitor"] = pid, stat[1]
         return len(tree) == 2
 
     wait_until(helpers_found, what="the job's monitor and init")

@@ -23,6 +23,7 @@ from jobworker.errors import (
     WorkerClosed,
 )
 from jobworker.worker import JobSpec, JobState, Limits, Worker, WorkerConfig
+from jobworker.worker.process import HELPER_PROCESSES
 
 pytestmark = pytest.mark.anyio
 
@@ -401,7 +402,8 @@ async def test_limits_are_written_to_the_job_cgroup(worker: Worker) -> None:
     cgroup = worker.cgroup_root / "jobs" / status.id
     assert (cgroup / "memory.max").read_text().strip() == str(64 << 20)
     assert (cgroup / "cpu.max").read_text().split() == ["25000", "100000"]
-    assert (cgroup / "pids.max").read_text().strip() == "32"
+    # The job's own 32, and its init (worker/process.py).
+    assert (cgroup / "pids.max").read_text().strip() == str(32 + HELPER_PROCESSES)
     assert status.unenforced == frozenset()
     await worker.stop(status.id)
 

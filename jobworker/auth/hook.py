@@ -18,6 +18,7 @@ of the call names the client's address and its certificate's serial number.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,14 +94,18 @@ def peer_address(stream: HasPeer) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _serial(stream: HasPeer) -> str | None:
-    """The client certificate's serial number in hex, as OpenSSL reports it."""
+@functools.lru_cache(maxsize=1024)
+def _serial(der: bytes) -> str | None:
+    """The client certificate's serial number in hex (upper case, as OpenSSL shows it)."""
     try:
-        cert = stream.peer.cert()
-    except (AttributeError, ValueError, OSError):
+        return f"{load_peer_certificate(der).serial_number:X}"
+    except Unauthenticated:
         return None
-    serial = cert.get("serialNumber") if cert else None
-    return serial if isinstance(serial, str) else None
+
+
+# A connection's certificate is the same for every call on it: parse it once. Only good
+# identities are cached (an exception is never cached), keyed by the exact DER bytes.
+_identity = functools.lru_cache(maxsize=1024)(identity_from_der)
 
 
 def rpc_name(path: str) -> str:
@@ -143,13 +148,13 @@ def _who(der: bytes | None) -> str | None:
 async def _on_request(event: RecvRequest) -> None:
     path = event.method_name
     rpc = rpc_name(path)
-    set_connection(peer_address(event), _serial(event))
     der = peer_certificate_der(event)
+    set_connection(peer_address(event), _serial(der) if der else None)
     identity: Identity | None = None
     try:
         if der is None:
             raise Unauthenticated("no client certificate was presented")
-        identity = identity_from_der(der)
+        identity = _identity(der)
         check_path(path)
     except (Unauthenticated, PermissionDenied) as exc:
         who = identity if identity is not None else _who(der)

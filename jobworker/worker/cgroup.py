@@ -144,13 +144,18 @@ class JobCgroup:
 
     def remove(self) -> None:
         """Remove the (empty) cgroup and any child cgroups its processes created."""
-        for sub in sorted(
-            (p for p in self.path.rglob("*") if p.is_dir()),
-            key=lambda p: len(p.parts),
-            reverse=True,
-        ):
-            _rmdir(sub)
-        _rmdir(self.path)
+        _remove_tree(str(self.path))
+
+
+def _remove_tree(path: str) -> None:
+    """rmdir a cgroup after its children, deepest first (``d_type``: no stat per file)."""
+    try:
+        children = [entry.path for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for child in children:
+        _remove_tree(child)
+    _rmdir(Path(path))
 
 
 def _read_optional(path: Path) -> dict[str, int] | None:

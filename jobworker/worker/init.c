@@ -5,13 +5,11 @@
  * that must be in force before the program's first instruction (docs/design.md, "How a job
  * starts"):
  *
- *   monitor (the worker's child, in the host's namespaces)
- *     1. moves itself into the job's cgroup (writes 0 to its cgroup.procs);
- *     2. unshares the PID, mount, IPC and cgroup namespaces (and the network namespace for
- *        a job without network, bringing up its loopback);
- *     3. forks the init;
+ *   monitor (the worker's child, in the worker's cgroup and the host's namespaces)
+ *     1.-3. creates the init straight into the job's cgroup and into new PID, mount, IPC
+ *        and cgroup namespaces (and a network namespace for a job without network);
  *   init (PID 1 of the job's PID namespace, still root)
- *     4. makes every mount private, mounts the job's own /proc (and /sys, read-only, when it
+ *     4. brings up the loopback of its own network, if it has one, makes every mount private, mounts the job's own /proc (and /sys, read-only, when it
  *        has a network namespace of its own), its own view of the cgroup tree, empty /tmp,
  *        /var/tmp and /dev/shm, and hides the worker's data directory
  *        behind an empty read-only tmpfs that holds only the job's working directory;
@@ -34,11 +32,17 @@
  * "chdir 13"), and the helper exits. A successful exec closes the report descriptor
  * (close-on-exec) without a word, which is how the worker knows the program is running.
  *
- * Usage (the worker's, not a person's):
- *   jobworker-init run REPORT_FD CGROUP_PROCS UID GID FLAGS DATA_DIR WORK_DIR CWD
+ * Usage (the worker's, not a person's), with the report descriptor as fd 3:
+ *   jobworker-init run CGROUP_DIR UID GID FLAGS DATA_DIR WORK_DIR CWD
  *                  NENV ENV... PROGRAM ARGV0 ARG...
  *   jobworker-init check FLAGS
- * FLAGS: "-" or "n" (a network namespace of its own, loopback only).
+ * FLAGS: "-" or "n" (a network namespace of its own, loopback only). Every descriptor above
+ * 3 is closed first, whatever the worker left open.
+ *
+ * The init is created straight into the job's cgroup and namespaces with
+ * clone3(CLONE_INTO_CGROUP | CLONE_NEW*), so no process is ever moved between cgroups (a
+ * move waits for an RCU grace period, often milliseconds). Kernels older than 5.7 get the
+ * same result the older way: the monitor writes itself into cgroup.procs and unshares.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -51,7 +55,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sched.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -61,6 +67,7 @@
 #include <unistd.h>
 
 #define EXIT_SETUP 125
+#define REPORT_FD 3
 
 static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM};
 #define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
@@ -104,12 +111,6 @@ static void install_forwarding(void) {
     action.sa_flags = SA_RESTART;
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < N_FORWARDED; i++) sigaction(forwarded[i], &action, NULL);
-}
-
-static void write_file(const char *path, const char *text) {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || write(fd, text, strlen(text)) < 0) fail("cgroup");
-    close(fd);
 }
 
 static void loopback_up(void) {
@@ -162,10 +163,14 @@ static void set_up_mounts(const char *data_dir, const char *work_dir, int own_ne
     if (own_network && is_dir("/sys") &&
         mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
         fail("mount-sys");
-    if (is_dir("/sys/fs/cgroup") &&
-        mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY,
-              NULL) < 0)
-        fail("mount-cgroup");
+    if (is_dir("/sys/fs/cgroup")) {
+        /* The host's hierarchies go (the kernel refuses to mount cgroup2 right on top of a
+         * cgroup2 mount), and the job's own cgroup becomes the root of what it sees. */
+        if (umount2("/sys/fs/cgroup", MNT_DETACH) < 0 && errno != EINVAL) fail("umount-cgroup");
+        if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2",
+                  MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, NULL) < 0)
+            fail("mount-cgroup");
+    }
     mount_private_tmp("/tmp");
     mount_private_tmp("/var/tmp");
     mount_private_tmp("/dev/shm");
@@ -217,6 +222,7 @@ static void exec_program(const struct job *job) {
 static void run_init(const struct job *job, const char *data_dir, const char *work_dir,
                      int own_network, int status_fd) {
     for (size_t i = 0; i < N_FORWARDED; i++) signal(forwarded[i], SIG_IGN);
+    if (own_network) loopback_up();
     set_up_mounts(data_dir, work_dir, own_network);
     pid_t program = fork();
     if (program < 0) fail("fork");
@@ -263,40 +269,62 @@ static int namespace_flags(const char *flags) {
     return clone_flags;
 }
 
+/* A child in new namespaces (and in the cgroup cgroup_fd, unless it is -1); like fork(). */
+static pid_t fork_into(int cgroup_fd, int ns_flags) {
+    struct clone_args args;
+    memset(&args, 0, sizeof args);
+    args.flags = (unsigned long long)ns_flags;
+    args.exit_signal = SIGCHLD;
+    if (cgroup_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (unsigned long long)cgroup_fd;
+    }
+    pid_t child = (pid_t)syscall(SYS_clone3, &args, sizeof args);
+    if (child >= 0 || (errno != ENOSYS && errno != E2BIG && errno != EINVAL)) return child;
+    /* No clone3, or no CLONE_INTO_CGROUP: this process moves into the cgroup itself. */
+    if (cgroup_fd >= 0) {
+        int procs = openat(cgroup_fd, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+        if (procs < 0 || write(procs, "0", 1) < 0) fail("cgroup");
+        close(procs);
+    }
+    if (unshare(ns_flags) < 0) fail("unshare");
+    return fork();
+}
+
 static int run(int argc, char **argv) {
-    if (argc < 13) return 2;
-    report_fd = atoi(argv[2]);
-    const char *cgroup_procs = argv[3];
+    if (argc < 12) return 2;
+    report_fd = REPORT_FD;
+    const char *cgroup_dir = argv[2];
     struct job job;
-    job.uid = (uid_t)strtoul(argv[4], NULL, 10);
-    job.gid = (gid_t)strtoul(argv[5], NULL, 10);
-    const char *flags = argv[6];
-    const char *data_dir = argv[7];
-    const char *work_dir = argv[8];
-    job.cwd = argv[9];
-    int nenv = atoi(argv[10]);
-    if (nenv < 0 || 11 + nenv + 2 > argc) return 2;
+    job.uid = (uid_t)strtoul(argv[3], NULL, 10);
+    job.gid = (gid_t)strtoul(argv[4], NULL, 10);
+    const char *flags = argv[5];
+    const char *data_dir = argv[6];
+    const char *work_dir = argv[7];
+    job.cwd = argv[8];
+    int nenv = atoi(argv[9]);
+    if (nenv < 0 || 10 + nenv + 2 > argc) return 2;
     /* The environment is copied so that it can end with NULL. */
     char **envp = calloc((size_t)nenv + 1, sizeof *envp);
     if (!envp) fail("memory");
-    for (int i = 0; i < nenv; i++) envp[i] = argv[11 + i];
+    for (int i = 0; i < nenv; i++) envp[i] = argv[10 + i];
     job.envp = envp;
-    job.program = argv[11 + nenv];
-    job.argv = &argv[12 + nenv];
-    fcntl(report_fd, F_SETFD, FD_CLOEXEC);
+    job.program = argv[10 + nenv];
+    job.argv = &argv[11 + nenv];
 
     block_forwarded(SIG_BLOCK);
-    write_file(cgroup_procs, "0");
-    if (unshare(namespace_flags(flags)) < 0) fail("unshare");
-    if (strchr(flags, 'n')) loopback_up();
+    int cgroup_fd = open(cgroup_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (cgroup_fd < 0) fail("cgroup");
     int status_pipe[2];
     if (pipe2(status_pipe, O_CLOEXEC) < 0) fail("pipe");
-    pid_t init = fork();
+    pid_t init = fork_into(cgroup_fd, namespace_flags(flags));
     if (init < 0) fail("fork");
     if (init == 0) {
         close(status_pipe[0]);
+        close(cgroup_fd);
         run_init(&job, data_dir, work_dir, strchr(flags, 'n') != NULL, status_pipe[1]);
     }
+    close(cgroup_fd);
     close(status_pipe[1]);
     close(report_fd);
     report_fd = -1;
@@ -321,11 +349,10 @@ static int run(int argc, char **argv) {
 
 /* Can this host give a job its namespaces and mounts? Exit 0 if so. */
 static int check(const char *flags) {
-    if (unshare(namespace_flags(flags)) < 0) fail("unshare");
-    if (strchr(flags, 'n')) loopback_up();
-    pid_t child = fork();
+    pid_t child = fork_into(-1, namespace_flags(flags));
     if (child < 0) fail("fork");
     if (child == 0) {
+        if (strchr(flags, 'n')) loopback_up();
         set_up_mounts(NULL, NULL, strchr(flags, 'n') != NULL);
         _exit(0);
     }
@@ -336,6 +363,14 @@ static int check(const char *flags) {
 }
 
 int main(int argc, char **argv) {
+    if (chdir("/") < 0) return EXIT_SETUP;
+    if (argc >= 2 && strcmp(argv[1], "run") == 0) {
+        /* Nothing but stdio and the report descriptor crosses into the job. */
+        if (syscall(SYS_close_range, REPORT_FD + 1, ~0U, 0) < 0) {
+            for (int fd = REPORT_FD + 1; fd < 1024; fd++) close(fd);
+        }
+        fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC);
+    }
     if (argc >= 3 && strcmp(argv[1], "check") == 0) return check(argv[2]);
     if (argc >= 2 && strcmp(argv[1], "run") == 0) return run(argc, argv);
     fprintf(stderr, "jobworker-init is started by the jobworker server, not by hand\n");

@@ -16,9 +16,7 @@ state always means: no process of the job exists and the log is complete.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +29,7 @@ from jobworker.worker.accounts import Account
 from jobworker.worker.cgroup import JobCgroup
 from jobworker.worker.models import JobSpec, JobState, JobStatus, Limits, Usage
 from jobworker.worker.notify import FileWatcher, Wakeup
-from jobworker.worker.process import Launch
+from jobworker.worker.process import Launch, Monitor
 
 __all__ = ["Job", "empty_cgroup"]
 
@@ -62,7 +60,7 @@ class Job:
         limits: Limits,
         unenforced: frozenset[str],
         cgroup: JobCgroup,
-        process: asyncio.subprocess.Process,
+        process: Monitor,
         log_path: Path,
         watcher: FileWatcher,
         launch: Launch,
@@ -76,9 +74,6 @@ class Job:
         self.launch = launch
         self.end_waiters: set[Wakeup] = set()
         self._process = process
-        # Signals to the main process go through a pidfd: unlike a pid it cannot name another
-        # process once this one is reaped, and unlike Popen.send_signal it never reaps.
-        self._pidfd = _open_pidfd(process.pid)
         self._watcher = watcher
         self._started_at = datetime.now(UTC)
         self._ended = asyncio.Event()
@@ -102,9 +97,12 @@ class Job:
         assert self._final is not None
         return self._final
 
-    def status(self) -> JobStatus:
+    def status(self, *, usage: bool = True) -> JobStatus:
+        """The job's status; ``usage=False`` skips reading the cgroup's counters."""
         if self._final is not None:
             return self._final
+        if not usage:
+            return self._snapshot(JobState.RUNNING, None, None, False, Usage(), None)
         return self._snapshot(
             JobState.RUNNING, None, None, self.cgroup.oom_killed(), self.cgroup.usage(), None
         )
@@ -150,12 +148,8 @@ class Job:
         except BaseException:
             # The worker is going down abnormally: leave nothing running behind.
             self.cgroup.kill()
-            self._signal_main(signal.SIGKILL)
+            self._process.send_signal(signal.SIGKILL)
             raise
-        finally:
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-                self._pidfd = -1
         oom_killed = self.cgroup.oom_killed()
         usage = self.cgroup.usage()
         try:
@@ -191,23 +185,11 @@ class Job:
     async def _escalate(self, grace: float) -> None:
         # The main process is the job's monitor: it passes SIGTERM to the namespace's init,
         # which sends it to every process of the job (worker/init.c).
-        self._signal_main(signal.SIGTERM)
+        self._process.send_signal(signal.SIGTERM)
         with anyio.move_on_after(grace):
             await self._ended.wait()
         if not self.is_ended():
             log.info("job %s did not stop within %.1f s: killing it", self.id, grace)
             self.cgroup.kill()
-            # The main process may not have joined its cgroup yet if it started just now.
-            self._signal_main(signal.SIGKILL)
-
-    def _signal_main(self, signum: signal.Signals) -> None:
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signum)
-
-
-def _open_pidfd(pid: int) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return -1  # it already exited and was reaped: there is nothing left to signal
+            # The monitor lives outside the job's cgroup (worker/process.py).
+            self._process.send_signal(signal.SIGKILL)

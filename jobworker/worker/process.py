@@ -21,9 +21,11 @@ The helper's exit status is the program's own: its exit code, or death by the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -40,6 +42,7 @@ __all__ = [
     "HELPER",
     "HELPER_PROCESSES",
     "Launch",
+    "Monitor",
     "check_isolation",
     "job_environment",
     "resolve_program",
@@ -48,8 +51,10 @@ __all__ = [
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HELPER: Final = Path(__file__).with_name("jobworker-init")
-# Processes of the helper in every job's cgroup: the monitor and the namespace's init.
-HELPER_PROCESSES: Final = 2
+# Processes of the helper in every job's cgroup: the namespace's init (the monitor stays in
+# the worker's cgroup).
+HELPER_PROCESSES: Final = 1
+_REPORT_FD: Final = 3  # where the helper finds the report pipe (init.c)
 
 
 def resolve_program(program: str, search_path: str) -> str:
@@ -105,7 +110,7 @@ class Launch:
     cwd: str
     account: Account
     network: Network
-    cgroup_procs: Path
+    cgroup: Path
     data_dir: Path
     work_dir: Path
 
@@ -145,7 +150,79 @@ async def check_isolation(network: Network) -> None:
         )
 
 
-async def spawn_job(launch: Launch, output_fd: int) -> asyncio.subprocess.Process:
+class Monitor:
+    """The job's monitor process, a child of the worker, known by a pidfd.
+
+    Its exit status is the program's own (``init.c``). Started with ``posix_spawn`` and
+    waited for through its pidfd in the event loop: no thread per job, and a pid that can
+    never name another process once this one is reaped.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    async def wait(self) -> int:
+        """The exit status, as ``Popen.returncode`` puts it (minus the signal number)."""
+        if self.returncode is not None:
+            return self.returncode
+        while True:
+            try:
+                # WNOHANG: never blocks; the pidfd said the process is gone.
+                result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOHANG)  # noqa: ASYNC222
+            except ChildProcessError:
+                # Someone else reaped it: its status is lost.
+                self.returncode = -signal.SIGKILL
+                break
+            if result is not None:
+                self.returncode = _returncode(result)
+                break
+            await _readable(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        return self.returncode
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+
+def _returncode(info: os.waitid_result) -> int:
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _wake, readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+
+
+def _helper_argv(launch: Launch) -> list[str]:
+    return [
+        str(helper_path()),
+        "run",
+        str(launch.cgroup),
+        str(launch.account.uid),
+        str(launch.account.gid),
+        _flags(launch.network),
+        str(launch.data_dir),
+        str(launch.work_dir),
+        launch.cwd,
+        str(len(launch.env)),
+        *(f"{name}={value}" for name, value in launch.env.items()),
+        launch.program,
+        launch.program,
+        *launch.args,
+    ]
+
+
+async def spawn_job(launch: Launch, output_fd: int) -> Monitor:
     """Start the job's program through the helper; return once the program runs.
 
     stdin is /dev/null; stdout and stderr both go to ``output_fd``, so the log keeps the
@@ -157,56 +234,39 @@ async def spawn_job(launch: Launch, output_fd: int) -> asyncio.subprocess.Proces
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
         try:
-            process = await asyncio.create_subprocess_exec(
-                helper_path(),
-                "run",
-                str(write_end),
-                str(launch.cgroup_procs),
-                str(launch.account.uid),
-                str(launch.account.gid),
-                _flags(launch.network),
-                str(launch.data_dir),
-                str(launch.work_dir),
-                launch.cwd,
-                str(len(launch.env)),
-                *(f"{name}={value}" for name, value in launch.env.items()),
-                launch.program,
-                launch.program,
-                *launch.args,
-                stdin=subprocess.DEVNULL,
-                stdout=output_fd,
-                stderr=output_fd,
-                env={},
-                cwd="/",
-                start_new_session=True,
-                pass_fds=(write_end,),
+            pid = os.posix_spawn(  # noqa: ASYNC221 - returns once the helper is exec'd (vfork)
+                str(helper_path()),
+                _helper_argv(launch),
+                {},
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, output_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, output_fd, 2),
+                    (os.POSIX_SPAWN_DUP2, write_end, _REPORT_FD),
+                ],
+                setsid=True,
             )
+            monitor = Monitor(pid)
         finally:
             os.close(write_end)
         report = await _read_to_end(read_end)
     finally:
         os.close(read_end)
     if report:
-        await process.wait()
+        await monitor.wait()
         raise _start_error(report.decode(errors="replace"), launch)
-    return process
+    return monitor
 
 
 async def _read_to_end(fd: int) -> bytes:
     """Everything written to the pipe ``fd`` until its last writer closes it."""
     os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
     data = bytearray()
     while True:
         try:
             chunk = os.read(fd, 4096)
         except BlockingIOError:
-            readable: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _wake, readable)
-            try:
-                await readable
-            finally:
-                loop.remove_reader(fd)
+            await _readable(fd)
             continue
         if not chunk:
             return bytes(data)

@@ -7,7 +7,6 @@ cgroup is empty and removed, and then removes the worker's own cgroup directorie
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Iterator
@@ -44,6 +43,7 @@ from jobworker.worker.models import (
 from jobworker.worker.notify import FileWatcher
 from jobworker.worker.process import (
     Launch,
+    Monitor,
     check_isolation,
     job_environment,
     resolve_program,
@@ -85,8 +85,8 @@ class Worker:
         self._io_device: str | None = None
         self._enforceable: frozenset[str] = frozenset()
         self._closing = False
-        # Main processes of jobs, whose exit status asyncio's child watcher collects.
-        self._children: dict[int, asyncio.subprocess.Process] = {}
+        # The jobs' monitors: children whose exit status their jobs collect.
+        self._children: dict[int, Monitor] = {}
         self._spawning = 0
         self._reaper = OrphanReaper(self.owns_child) if config.reap_orphans else None
 
@@ -197,7 +197,7 @@ class Worker:
                 cwd=spec.cwd or str(work_dir),
                 account=account,
                 network=spec.network or self.config.default_network,
-                cgroup_procs=Path(),
+                cgroup=Path(),
                 data_dir=self.config.data_dir,
                 work_dir=work_dir,
             )
@@ -215,7 +215,7 @@ class Worker:
             "job %s started for %r as uid %d: %s %s (pid %d)",
             job_id, spec.owner, account.uid, program, list(spec.args), process.pid,
         )  # fmt: skip
-        return job.status()
+        return job.status(usage=False)  # it has only just started: nothing to count yet
 
     def _account(self, spec: JobSpec) -> Account:
         """Who the job runs as: the account it named, the server's, or a uid of its own."""
@@ -238,7 +238,7 @@ class Worker:
 
     async def _launch(
         self, job_id: str, launch: Launch, limits: Limits
-    ) -> tuple[asyncio.subprocess.Process, JobCgroup]:
+    ) -> tuple[Monitor, JobCgroup]:
         """Create the job's cgroup, log and directory and start it; all or nothing."""
         cgroup = self._cgroups.create_job(job_id, limits, self._io_device)
         log_path = self._logs_dir / f"{job_id}.log"
@@ -248,7 +248,7 @@ class Worker:
             try:
                 # Shielded: once the child exists it must become a job, whoever gave up.
                 with anyio.CancelScope(shield=True), self._starting_child():
-                    launch = replace(launch, cgroup_procs=cgroup.procs_file)
+                    launch = replace(launch, cgroup=cgroup.path)
                     process = await spawn_job(launch, output_fd)
                     self._children[process.pid] = process
             finally:
@@ -267,7 +267,7 @@ class Worker:
             raise
         return process, cgroup
 
-    async def _supervise(self, job: Job, process: asyncio.subprocess.Process) -> None:
+    async def _supervise(self, job: Job, process: Monitor) -> None:
         try:
             await job.supervise()
         finally:
@@ -298,8 +298,8 @@ class Worker:
     def owns_child(self, pid: int) -> bool:
         """Whether the exit status of child ``pid`` belongs to the worker's jobs.
 
-        True for the main process of every job until asyncio's child watcher has collected
-        its exit status, and for every pid while a job's process is being started. The
+        True for the monitor of every job until its job has collected its exit status, and
+        for every pid while a job's monitor is being started. The
         orphan reaper leaves these alone.
         """
         if self._spawning:

@@ -20,6 +20,7 @@ from helpers import JOB_PYTHON, JOBWORKER, client_env, free_port, wait_listening
 from jobworker.client import Client
 from jobworker.worker import JobState, Limits
 from jobworker.worker.cgroup import find_cgroup2_mount
+from jobworker.worker.process import HELPER_PROCESSES
 
 IN_VM = os.environ.get("JOBWORKER_VM") == "1"
 pytestmark = [
@@ -107,10 +108,16 @@ async def test_the_server_takes_over_its_delegated_cgroup(
         assert job.unenforced == frozenset()
         job_cgroup = cgroup / "jobs" / job.id
         assert (job_cgroup / "memory.max").read_text().strip() == str(64 << 20)
-        assert (job_cgroup / "pids.max").read_text().strip() == "16"
-        assert (job_cgroup / "cgroup.procs").read_text().split() == [str(job.pid)]
+        assert (job_cgroup / "pids.max").read_text().strip() == str(16 + HELPER_PROCESSES)
+        # The job's init and its program; the init's parent is the job's monitor, job.pid.
+        init, program = sorted(map(int, (job_cgroup / "cgroup.procs").read_text().split()))
+        assert parent_of(init) == job.pid and parent_of(program) == init
         assert (await admin.stop(job.id)).state is JobState.STOPPED
     assert not job_cgroup.exists()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_the_cli_reports_an_oom_kill(
