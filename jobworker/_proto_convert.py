@@ -17,7 +17,7 @@ Round trips are exact:
 What arrives from the other end is not trusted to be well formed: a status with an
 unspecified or unknown state, or without a start time, raises :class:`ProtocolError`
 instead of producing a half-valid model. Values are *not* range-checked here; that is the
-job of :meth:`JobSpec.validate <jobworker.worker.models.JobSpec.validate>`.
+job of :meth:`JobSpec.validate <jobworker.models.JobSpec.validate>`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Final
 
 from jobworker._proto.jobworker import v1 as pb
 from jobworker.errors import InvalidArgument, JobworkerError
-from jobworker.worker.models import (
+from jobworker.models import (
     JobSpec,
     JobState,
     JobStatus,

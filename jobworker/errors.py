@@ -2,7 +2,10 @@
 
 Every error that a caller can see is a :class:`JobworkerError`. Each class knows the gRPC
 status it travels as; the server maps errors to statuses in one place
-(``jobworker.server.errors``) and the client maps them back (``jobworker.client``)::
+(``jobworker.server.errors``) and the client maps them back (:func:`error_from_status`, used
+by ``jobworker.client``). The class itself travels too, by name, in the status details (a
+``google.rpc.ErrorInfo`` with domain :data:`ERROR_DOMAIN`), so a client raises exactly the
+class the server raised; an unknown name falls back to the class of the status::
 
     JobworkerError                      INTERNAL
     +-- InvalidArgument                 INVALID_ARGUMENT
@@ -20,9 +23,12 @@ status it travels as; the server maps errors to statuses in one place
     +-- ResourceExhausted               RESOURCE_EXHAUSTED
     +-- Unavailable                     UNAVAILABLE
     |   +-- WorkerClosed
+    |   +-- TlsError                    (client side: the handshake failed)
+    +-- DeadlineExceeded                DEADLINE_EXCEEDED (the client's own deadline)
     +-- DataLoss                        DATA_LOSS
     +-- CgroupError                     INTERNAL
     +-- ConfigError                     (start-up only, never sent)
+        +-- CredentialsError            (a client's certificate, key or CA file)
 
 Messages are written for the person who made the request: they say what was wrong and what
 is accepted, and never carry server internals such as file paths of other jobs.
@@ -30,14 +36,17 @@ is accepted, and never carry server internals such as file paths of other jobs.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from grpclib.const import Status
 
 __all__ = [
+    "ERROR_DOMAIN",
     "CgroupError",
     "ConfigError",
+    "CredentialsError",
     "DataLoss",
+    "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
     "InvalidCommand",
@@ -51,11 +60,15 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "TlsError",
     "Unauthenticated",
     "Unavailable",
     "WorkerClosed",
     "error_from_status",
 ]
+
+#: The ``domain`` of the ``google.rpc.ErrorInfo`` whose ``reason`` names the error's class.
+ERROR_DOMAIN: Final = "jobworker"
 
 
 class JobworkerError(Exception):
@@ -138,6 +151,19 @@ class WorkerClosed(Unavailable):
     """The worker is shutting down and takes no new work."""
 
 
+class DeadlineExceeded(JobworkerError):
+    """No answer came within the call's deadline. The server was reached, or may have been,
+    and may still be carrying the call out (a stop goes on): ask for the job's status."""
+
+    grpc_status = Status.DEADLINE_EXCEEDED
+
+
+class TlsError(Unavailable):
+    """The TLS handshake failed: the server's certificate is not trusted or not for this host
+    name, or the server refused the client certificate. Retrying does not help until a
+    certificate or a setting changes; the message says which file."""
+
+
 class ResourceExhausted(JobworkerError):
     """A limit of the server was reached (a message too large, too many connections);
     the message says which one."""
@@ -169,13 +195,48 @@ _BY_STATUS: dict[Status, type[JobworkerError]] = {
     Status.UNAVAILABLE: Unavailable,
     Status.RESOURCE_EXHAUSTED: ResourceExhausted,
     Status.DATA_LOSS: DataLoss,
+    Status.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
 
-def error_from_status(status: Status, message: str | None) -> JobworkerError:
-    """The error a client raises for a gRPC status the server sent."""
-    cls = _BY_STATUS.get(status, JobworkerError)
+def _by_name() -> dict[str, type[JobworkerError]]:
+    found: dict[str, type[JobworkerError]] = {}
+    pending: list[type[JobworkerError]] = [JobworkerError]
+    while pending:
+        cls = pending.pop()
+        if cls.__module__ == __name__:  # only the classes of this module
+            found[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_class(status: Status, name: str | None) -> type[JobworkerError]:
+    """The class to raise for ``status`` whose details named class ``name``.
+
+    Only a class of this module that travels with ``status`` is ever chosen; any other name
+    (a newer server's class, a hostile server) gives the class of the status alone.
+    """
+    cls = _by_name().get(name or "")
+    if cls is not None and cls.grpc_status is status and status is not Status.INTERNAL:
+        return cls
+    return _BY_STATUS.get(status, JobworkerError)
+
+
+def error_from_status(
+    status: Status, message: str | None, class_name: str | None = None
+) -> JobworkerError:
+    """The error a client raises for a gRPC status the server sent (see :func:`error_class`)."""
+    cls = error_class(status, class_name)
     text = message or status.name.lower().replace("_", " ")
     if cls is JobworkerError:
         text = f"{status.name}: {text}"
     return cls(text)
+
+
+class CredentialsError(ConfigError):
+    """A client certificate, key or CA file that is missing or unusable; the message names
+    the file, and ``setting`` says which one it is (``cert``, ``key`` or ``ca``)."""
+
+    def __init__(self, message: str, setting: str = "") -> None:
+        super().__init__(message)
+        self.setting = setting

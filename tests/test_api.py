@@ -278,7 +278,7 @@ async def test_shutdown_ends_open_streams_with_unavailable_and_stops_jobs(
 
     async def follow(client: Client, job_id: str) -> None:
         try:
-            async with client.output(job_id) as output:
+            async with client.output(job_id, reconnect_for=0) as output:
                 async for _ in output:
                     streaming.set()
         except JobworkerError as exc:

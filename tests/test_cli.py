@@ -123,7 +123,7 @@ def test_a_server_that_is_not_there_is_a_clear_error(served: Served) -> None:
 def test_sigterm_ends_streams_stops_jobs_and_exits(served: Served, cgroup_root: Path) -> None:
     job_id = served.cli("start", "--", "sh", "-c", "echo up; exec sleep 300").stdout.decode()
     follower = subprocess.Popen(
-        [*JOBWORKER, "stream", job_id.strip()],
+        [*JOBWORKER, "stream", job_id.strip(), "--reconnect-for", "0"],
         env=served.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,6 +135,7 @@ def test_sigterm_ends_streams_stops_jobs_and_exits(served: Served, cgroup_root: 
     _, err = follower.communicate(timeout=10)
     assert follower.returncode == 1
     assert b"shutting down" in err, err
+    assert err.count(b"\n") == 1 and err.startswith(b"error: "), err
     assert not cgroup_root.exists(), "job cgroups and the worker's cgroup are removed"
     log = served.log.read_text()
     assert "stopping jobs" in log

@@ -2,17 +2,20 @@
 
 This module stays cheap to import: :func:`main` is the console script, and for ``serve`` it
 takes over SIGTERM and SIGINT before the slow imports (see ``jobworker.server.signals``).
+Help and usage errors are plain text without typer's rich formatting, the same with any
+rich release (and rich is not imported).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 __all__ = ["command_name", "main"]
 
 # Global options that take a value; they come before the command.
-_VALUE_OPTIONS = frozenset({"--server", "--cert", "--key", "--ca"})
+_VALUE_OPTIONS = frozenset({"--server", "--cert", "--key", "--ca", "--timeout"})
 
 
 def command_name(args: Sequence[str]) -> str | None:
@@ -32,10 +35,12 @@ def command_name(args: Sequence[str]) -> str | None:
 
 def main() -> None:
     """The ``jobworker`` command."""
-    if command_name(sys.argv[1:]) == "serve":
+    command = command_name(sys.argv[1:])
+    if command == "serve":
         from jobworker.server.signals import hold_stop_signals  # noqa: PLC0415 - cheap first
 
         hold_stop_signals()
+    os.environ.setdefault("TYPER_USE_RICH", "0")
     from jobworker.cli.app import main as run  # noqa: PLC0415 - after the signals
 
     run()

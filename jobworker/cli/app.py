@@ -1,56 +1,103 @@
 """The ``jobworker`` command: run the server, manage certificates, and drive jobs.
 
 Commands are plain functions that call :func:`anyio.run`; every error is printed as one line
-on stderr (no traceback) with a non-zero exit code.
+on stderr (no traceback) with a non-zero exit code: 1 for a failure, 2 for a usage error.
+Client commands import nothing of the server, the worker or the PKI builder: those imports
+are inside ``serve`` and ``certs``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import anyio
 import typer
+from typer._click.core import Context as ClickContext
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+from typer.core import TyperGroup
+from typer.core import TyperOption as ClickOption
+from typer.exceptions import Abort
 
-from jobworker.certs import PkiPaths, init_pki
+from jobworker import __version__
 from jobworker.cli import certs
 from jobworker.cli.render import status_json, status_lines, status_table
-from jobworker.cli.units import parse_cpus, parse_size
-from jobworker.client import Client
-from jobworker.errors import ConfigError, JobworkerError
-from jobworker.server.app import ServerConfig, parse_listen, serve
-from jobworker.server.limits import ServerLimits
-from jobworker.worker import JobState, JobStatus, Limits, Network, WorkerConfig
-from jobworker.worker.config import DEFAULT_JOB_UIDS, parse_uid_range
+from jobworker.client import DEFAULT_RECONNECT_FOR, DEFAULT_SERVER, Client
+from jobworker.client.config import default_data_dir, parse_timeout
+from jobworker.errors import ConfigError, CredentialsError, JobworkerError
+from jobworker.models import JobState, JobStatus, Limits, Network, parse_cpus, parse_size
+
+if TYPE_CHECKING:
+    from jobworker.client import OutputReader
 
 __all__ = ["app", "default_data_dir", "main"]
 
 T = TypeVar("T")
 log = logging.getLogger("jobworker")
 
+DEFAULT_LISTEN = "127.0.0.1:50051"
+# worker.config.DEFAULT_JOB_UIDS, written out so that the CLI need not import the worker.
+_DEFAULT_JOB_UIDS = "65536-99999"
+
+
+class _Group(TyperGroup):
+    """The top-level group: global options may also follow the command.
+
+    Before parsing, every global option (as this group declares it, with its value) that
+    follows the command word is moved in front of it. Nothing after ``--`` moves, nor, for
+    ``start`` and ``run``, anything from the job's program on.
+    """
+
+    def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, self._globals_first(args))
+
+    def _globals_first(self, args: list[str]) -> list[str]:
+        takes_value = {
+            name: not getattr(param, "is_flag", False)
+            for param in self.params
+            if isinstance(param, ClickOption)
+            for name in param.opts
+        }
+        front: list[str] = []
+        rest: list[str] = []
+        command: str | None = None
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            name = arg.split("=", 1)[0]
+            if arg == "--" or (command in _PASSTHROUGH_COMMANDS and not arg.startswith("-")):
+                rest.extend(args[i:])
+                break
+            if name in takes_value and (command is not None or not rest):
+                take = 2 if takes_value[name] and "=" not in arg else 1
+                front.extend(args[i : i + take])
+                i += take
+                continue
+            if command is None and not arg.startswith("-"):
+                command = arg
+            rest.append(arg)
+            i += 1
+        return front + rest
+
+
+_PASSTHROUGH_COMMANDS = frozenset({"start", "run"})
+
 app = typer.Typer(
     name="jobworker",
+    cls=_Group,
     help="Run programs on this host in their own cgroup, and stream their output, over mTLS.",
     no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(certs.app, name="certs")
-
-DEFAULT_LISTEN = "127.0.0.1:50051"
-
-
-def default_data_dir() -> Path:
-    """/var/lib/jobworker for root, else the XDG state directory."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/jobworker")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "jobworker"
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -68,24 +115,33 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(130) from None
 
 
-# Client options (global: before the command).
+# Client options (global: before or after the command).
 
 
+@dataclass(frozen=True)
 class _ClientOptions:
-    server = DEFAULT_LISTEN
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
+    server: str
+    cert: Path | None
+    key: Path | None
+    ca: Path | None
+    timeout: str | None
 
 
-_client_options = _ClientOptions()
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"jobworker {__version__}")
+        raise typer.Exit
 
 
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     server: Annotated[
-        str, typer.Option(envvar="JOBWORKER_SERVER", help="Server address, HOST:PORT.")
-    ] = DEFAULT_LISTEN,
+        str,
+        typer.Option(
+            envvar="JOBWORKER_SERVER", help="Server address: HOST:PORT, or HOST (port 50051)."
+        ),
+    ] = DEFAULT_SERVER,
     cert: Annotated[
         Path | None,
         typer.Option(
@@ -107,33 +163,64 @@ def _global_options(
             help="Server CA to trust [default: server-ca.pem of the local server's PKI].",
         ),
     ] = None,
+    timeout: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_TIMEOUT",
+            metavar="SECONDS",
+            help="How long a call may take to answer, 0 for no limit [default: 10].",
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    _client_options.server = server
-    _client_options.cert, _client_options.key, _client_options.ca = cert, key, ca
+    ctx.obj = _ClientOptions(server, cert, key, ca, timeout)
 
 
-def _client() -> Client:
+def _client(ctx: typer.Context, reconnect_for: float = DEFAULT_RECONNECT_FOR) -> Client:
+    options = ctx.find_object(_ClientOptions)
+    assert options is not None  # set by the group's callback
+    settings: dict[str, Any] = {"reconnect_for": reconnect_for}
     try:
-        host, port = parse_listen(_client_options.server)
-    except ConfigError as exc:
+        if options.timeout is not None:
+            settings["timeout"] = parse_timeout(options.timeout)
+        return Client(options.server, cert=options.cert, key=options.key, ca=options.ca, **settings)
+    except CredentialsError as exc:
+        setting = exc.setting or "cert"
+        _fail(f"{exc.message}; give --{setting} FILE (or JOBWORKER_{setting.upper()})")
+    except JobworkerError as exc:
         _fail(exc.message)
-    local = PkiPaths.in_dir(default_data_dir() / "pki")
-    cert = _client_options.cert or local.admin_cert
-    key = _client_options.key or local.admin_key
-    ca = _client_options.ca or local.server_ca
-    for what, path, option in (
-        ("certificate", cert, "--cert"),
-        ("key", key, "--key"),
-        ("CA", ca, "--ca"),
-    ):
-        if not path.is_file():
-            _fail(
-                f"client {what} {path} not found; give {option} (or JOBWORKER_{option[2:].upper()})"
-            )
-    try:
-        return Client(host, port, cert=cert, key=key, ca=ca)
-    except (OSError, ValueError) as exc:
-        _fail(f"cannot load the client certificate, key or CA: {exc}")
+
+
+def with_client(
+    ctx: typer.Context,
+    fn: Callable[[Client], Awaitable[T]],
+    reconnect_for: float = DEFAULT_RECONNECT_FOR,
+) -> T:
+    """Run ``fn`` with a connected client built from the global options; errors as one line."""
+    client = _client(ctx, reconnect_for)
+
+    async def go() -> T:
+        async with client:
+            return await fn(client)
+
+    return _run(go)
+
+
+async def _job_id(client: Client, text: str) -> str:
+    """A job id from a full id or a unique prefix of one (as ``list`` shows them)."""
+    if len(text) >= 36 or not text or text.strip("0123456789abcdefABCDEF-"):
+        return text  # a whole id, or not an id at all: the server says which
+    found = [job.id for job in await client.list() if job.id.startswith(text.lower())]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise JobworkerError(f"no job id starts with {text!r}")
+    raise JobworkerError(f"{len(found)} job ids start with {text!r}; give more of the id")
 
 
 # Limit options, named as docker names them.
@@ -166,6 +253,17 @@ _Network = Annotated[
     Network | None,
     typer.Option("--network", help="host, or none: loopback only (default: the server's choice)."),
 ]
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+_ReconnectFor = Annotated[
+    float,
+    typer.Option(
+        "--reconnect-for",
+        metavar="SECONDS",
+        min=0,
+        help="If the server goes away, keep reconnecting this long (0: never).",
+    ),
+]
+_JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="A job id or a unique prefix.")]
 
 
 @dataclass(frozen=True)
@@ -188,6 +286,17 @@ def _placement(
             _fail(f"--env takes NAME=VALUE, not {item!r}")
         variables[name] = value
     return _Placement(variables, cwd, user, network)
+
+
+def _encodable(command: list[str]) -> list[str]:
+    """The command, or one error line for an argument that is not valid UTF-8."""
+    for arg in command:
+        try:
+            arg.encode()
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape")
+            _fail(f"argument {shown!r} is not valid UTF-8; jobworker sends text arguments only")
+    return command
 
 
 async def _start(
@@ -222,8 +331,16 @@ def _limits(
 _PASSTHROUGH = {"allow_interspersed_args": False}
 
 
+def _print_status(status: JobStatus, json_output: bool) -> None:
+    if json_output:
+        typer.echo(json.dumps(status_json(status), indent=2))
+    else:
+        typer.echo("\n".join(status_lines(status)))
+
+
 @app.command(context_settings=_PASSTHROUGH)
 def start(
+    ctx: typer.Context,
     command: _Command,
     memory: _Memory = None,
     cpus: _Cpus = None,
@@ -234,94 +351,183 @@ def start(
     cwd: _Cwd = None,
     user: _User = None,
     network: _Network = None,
+    json_output: _Json = False,
 ) -> None:
-    """Start a job; print its id."""
+    """Start a job; print its id (or its status with --json)."""
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
     placement = _placement(env, cwd, user, network)
-    client = _client()
+    command = _encodable(command)
 
-    async def go() -> str:
-        async with client:
-            return (await _start(client, command, limits, placement)).id
+    async def go(client: Client) -> JobStatus:
+        return await _start(client, command, limits, placement)
 
-    typer.echo(_run(go))
+    started = with_client(ctx, go)
+    if json_output:
+        _print_status(started, json_output=True)
+    else:
+        typer.echo(started.id)
 
 
 @app.command()
-def stop(job_id: str) -> None:
+def stop(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> None:
     """Stop a job: SIGTERM, a grace period, then SIGKILL to its whole process tree."""
-    client = _client()
 
-    async def go() -> None:
-        async with client:
-            status = await client.stop(job_id)
-        typer.echo("\n".join(status_lines(status)))
+    async def go(client: Client) -> JobStatus:
+        full_id = await _job_id(client, job_id)
+        typer.echo(
+            f"stopping job {full_id}: SIGTERM now, SIGKILL after the server's grace period",
+            err=True,
+        )
+        return await client.stop(full_id)
 
-    _run(go)
+    _print_status(with_client(ctx, go), json_output)
 
 
 @app.command()
-def status(
-    job_id: str, json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-) -> None:
+def status(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> None:
     """Show a job's status."""
-    client = _client()
 
-    async def go() -> None:
-        async with client:
-            result = await client.status(job_id)
-        typer.echo(
-            json.dumps(status_json(result), indent=2)
-            if json_output
-            else "\n".join(status_lines(result))
-        )
+    async def go(client: Client) -> JobStatus:
+        return await client.status(await _job_id(client, job_id))
 
-    _run(go)
+    _print_status(with_client(ctx, go), json_output)
 
 
 @app.command("list")
 def list_jobs(
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ctx: typer.Context,
+    json_output: _Json = False,
+    state: Annotated[
+        list[JobState] | None,
+        typer.Option("--state", help="Only jobs in this state (repeatable)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job ids.")] = False,
 ) -> None:
-    """List the jobs you may see."""
-    client = _client()
+    """List the jobs you may see, oldest first."""
+    jobs = with_client(ctx, lambda client: client.list())
+    if state:
+        jobs = [job for job in jobs if job.state in state]
+    if quiet:
+        for job in jobs:
+            typer.echo(job.id)
+    elif json_output:
+        typer.echo(json.dumps([status_json(j) for j in jobs], indent=2))
+    else:
+        typer.echo("\n".join(status_table(jobs)))
 
-    async def go() -> None:
-        async with client:
-            jobs = await client.list()
-        if json_output:
-            typer.echo(json.dumps([status_json(j) for j in jobs], indent=2))
-        else:
-            typer.echo("\n".join(status_table(jobs)))
 
-    _run(go)
+def _write(data: bytes) -> None:
+    out = sys.stdout.buffer
+    out.write(data)
+    out.flush()
 
 
 async def _copy_output(client: Client, job_id: str, offset: int) -> None:
-    out = sys.stdout.buffer
     async with client.output(job_id, offset) as output:
         async for data in output:
-            out.write(data)
-            out.flush()
+            _write(data)
 
 
 @app.command()
 def stream(
-    job_id: str,
+    ctx: typer.Context,
+    job_id: _JobId,
     offset: Annotated[int, typer.Option(help="Start at this byte of the output.", min=0)] = 0,
+    reconnect_for: _ReconnectFor = DEFAULT_RECONNECT_FOR,
 ) -> None:
     """Write a job's output to stdout, from the start (or --offset), until the job ends."""
-    client = _client()
 
-    async def go() -> None:
-        async with client:
-            await _copy_output(client, job_id, offset)
+    async def go(client: Client) -> None:
+        await _copy_output(client, await _job_id(client, job_id), offset)
 
-    _run(go)
+    with_client(ctx, go, reconnect_for)
+
+
+# How long `logs` without -f waits for more output before it takes what came as all there is.
+_LOGS_SETTLE = 0.25
+
+
+async def _settled_chunk(output: OutputReader) -> bytes | None:
+    """The next chunk, or None once the job ended or nothing more came for a moment."""
+    with anyio.move_on_after(_LOGS_SETTLE):
+        chunk = await output.next_chunk()
+        return None if chunk is None else chunk.data
+    return None
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job_id: _JobId,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep following until the job ends.")
+    ] = False,
+    tail: Annotated[
+        int | None,
+        typer.Option("--tail", "-n", metavar="N", min=0, help="Only the last N lines."),
+    ] = None,
+) -> None:
+    """Print a job's output so far and exit; with -f, follow it until the job ends."""
+
+    async def go(client: Client) -> None:
+        lines: deque[bytes] = deque(maxlen=tail)
+        pending = b""
+        async with client.output(await _job_id(client, job_id)) as output:
+            while (data := await _settled_chunk(output)) is not None:
+                if tail is None:
+                    _write(data)
+                    continue
+                pending += data
+                *complete, pending = pending.split(b"\n")
+                lines.extend(line + b"\n" for line in complete)
+            if tail is not None:
+                if pending:
+                    lines.append(pending)
+                _write(b"".join(list(lines)[-tail:] if tail else []))
+            if follow:
+                async for data in output:
+                    _write(data)
+
+    with_client(ctx, go)
+
+
+@app.command()
+def wait(
+    ctx: typer.Context,
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", show_default=False)],
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", metavar="SECONDS", help="Give up after this long (exit 1)."),
+    ] = None,
+) -> None:
+    """Wait until the jobs have ended; exit with the last one's exit code (128+signal)."""
+
+    async def go(client: Client) -> int:
+        code = 0
+        with anyio.fail_after(timeout) if timeout is not None else _no_limit():
+            for text in job_ids:
+                code = _exit_code(await client.wait(await _job_id(client, text)))
+        return code
+
+    try:
+        raise typer.Exit(with_client(ctx, go))
+    except TimeoutError:
+        _fail(f"the jobs were still running after {timeout:g} s")
+
+
+def _no_limit() -> anyio.CancelScope:
+    return anyio.CancelScope()
+
+
+def _exit_code(final: JobStatus) -> int:
+    if final.signal is not None:
+        return 128 + final.signal
+    return final.exit_code or 0
 
 
 @app.command(context_settings=_PASSTHROUGH)
 def run(
+    ctx: typer.Context,
     command: _Command,
     memory: _Memory = None,
     cpus: _Cpus = None,
@@ -332,24 +538,33 @@ def run(
     cwd: _Cwd = None,
     user: _User = None,
     network: _Network = None,
+    reconnect_for: _ReconnectFor = DEFAULT_RECONNECT_FOR,
 ) -> None:
-    """Start a job, stream its output, and exit with its exit code (128+signal if killed)."""
+    """Start a job, stream its output, and exit with its exit code (128+signal if killed).
+
+    On Ctrl-C the job keeps running, and its id is printed on stderr.
+    """
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
     placement = _placement(env, cwd, user, network)
-    client = _client()
+    command = _encodable(command)
+    started: list[str] = []
 
-    async def go() -> int:
-        async with client:
-            started = await _start(client, command, limits, placement)
-            await _copy_output(client, started.id, 0)
-            final = await client.status(started.id)
+    async def go(client: Client) -> int:
+        job = await _start(client, command, limits, placement)
+        started.append(job.id)
+        await _copy_output(client, job.id, 0)
+        final = await client.status(job.id)
         if final.state is JobState.RUNNING:  # pragma: no cover - output ends only at the end
             return 1
-        if final.signal is not None:
-            return 128 + final.signal
-        return final.exit_code or 0
+        return _exit_code(final)
 
-    raise typer.Exit(_run(go))
+    try:
+        code = with_client(ctx, go, reconnect_for)
+    except typer.Exit as exc:
+        if exc.exit_code == 130 and started:
+            typer.echo(f"job {started[0]} keeps running; jobworker stop {started[0]}", err=True)
+        raise
+    raise typer.Exit(code)
 
 
 # The server.
@@ -426,7 +641,7 @@ def serve_command(
             metavar="FIRST-LAST",
             help="Unprivileged uids for jobs, one per running job; none may be a host account.",
         ),
-    ] = "{}-{}".format(*DEFAULT_JOB_UIDS),
+    ] = _DEFAULT_JOB_UIDS,
     run_as: Annotated[
         str | None,
         typer.Option(
@@ -456,6 +671,11 @@ def serve_command(
     ] = "4M",
 ) -> None:
     """Run the jobworker server until SIGTERM or SIGINT."""
+    from jobworker.server.app import ServerConfig, parse_listen, serve  # noqa: PLC0415 - lazy
+    from jobworker.server.limits import ServerLimits  # noqa: PLC0415
+    from jobworker.worker import WorkerConfig  # noqa: PLC0415
+    from jobworker.worker.config import parse_uid_range  # noqa: PLC0415
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -496,6 +716,8 @@ def serve_command(
 def _server_tls(
     data_dir: Path, host: str, cert: Path | None, key: Path | None, client_ca: Path | None
 ) -> tuple[Path, Path, Path]:
+    from jobworker.certs import PkiPaths, init_pki  # noqa: PLC0415 - only serve needs it
+
     given = [p for p in (cert, key, client_ca) if p is not None]
     if given and len(given) < 3:
         raise ConfigError("give all of --tls-cert, --tls-key and --client-ca, or none of them")
@@ -509,5 +731,21 @@ def _server_tls(
     return pki.server_cert, pki.server_key, pki.client_ca
 
 
-def main() -> None:
-    app()
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the command line; a usage error is one ``error:`` line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args, prog_name="jobworker", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message())
+        code = 0
+    except UsageError as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+        code = 2
+    except Abort:
+        code = 130
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    sys.exit(code if isinstance(code, int) else 0)

@@ -6,16 +6,28 @@ on stderr with exit code 1.
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final
 
 import typer
 
-from jobworker.auth.roles import Role
-from jobworker.certs import CLIENT_DAYS, MAX_DAYS, init_pki, issue_client
 from jobworker.errors import JobworkerError
 
 __all__ = ["app"]
+
+# jobworker.certs.CLIENT_DAYS and MAX_DAYS, written out so that `jobworker --help` need not
+# import the PKI builder (tests/test_cli_fast.py checks that they agree).
+CLIENT_DAYS: Final = 90
+MAX_DAYS: Final = 3650
+
+
+class _Role(enum.Enum):
+    """jobworker.auth.roles.Role, by value."""
+
+    ADMIN = "admin"
+    USER = "user"
+
 
 app = typer.Typer(
     name="certs",
@@ -58,6 +70,8 @@ def init_command(
     ] = False,
 ) -> None:
     """Write server-ca, client-ca, server and admin certificates and keys into DIR."""
+    from jobworker.certs import init_pki  # noqa: PLC0415 - the PKI builder, only here
+
     try:
         paths = init_pki(directory, host or (), force=force)
     except JobworkerError as exc:
@@ -75,7 +89,7 @@ def issue_command(
         str,
         typer.Option("--name", help="The client's name: its certificate's common name."),
     ],
-    role: Annotated[Role, typer.Option("--role", help="What the client may do.")],
+    role: Annotated[_Role, typer.Option("--role", help="What the client may do.")],
     days: Annotated[
         int,
         typer.Option("--days", min=1, max=MAX_DAYS, help="How long the certificate is valid."),
@@ -86,8 +100,11 @@ def issue_command(
     ] = False,
 ) -> None:
     """Write NAME.pem and NAME-key.pem into DIR, signed by its client CA."""
+    from jobworker.auth.roles import Role  # noqa: PLC0415 - the PKI builder, only here
+    from jobworker.certs import issue_client  # noqa: PLC0415
+
     try:
-        paths = issue_client(directory, name, role, days, force=force)
+        paths = issue_client(directory, name, Role(role.value), days, force=force)
     except JobworkerError as exc:
         raise _fail(exc.message) from None
     except OSError as exc:

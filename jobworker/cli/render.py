@@ -6,7 +6,7 @@ import shlex
 from datetime import datetime
 from typing import Any
 
-from jobworker.worker.models import JobStatus, Limits
+from jobworker.models import JobStatus, Limits
 
 __all__ = ["status_json", "status_lines", "status_table"]
 

@@ -11,6 +11,10 @@ frame it receives; for a DATA frame that copies the whole body and hex-encodes i
 keep the first 10 bytes. :func:`open_channel` replaces that ``repr`` (of hyperframe's
 ``DataFrame``, in the whole process) with one that hex-encodes just those bytes, and gives the
 same text for unpadded frames, the only kind gRPC sends.
+
+Error details (``grpc-status-details-bin``, where the server names an error's class) are
+decoded with the google.rpc codec, whose modules are imported only when an error carries
+details, so a call that succeeds never loads them.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import binascii
 import ssl
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from grpclib.client import Channel, Handler
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
@@ -42,6 +49,15 @@ class _Channel(Channel):
         return _LargeFrames(Handler(), self._config, self._h2_config)
 
 
+class _LazyDetailsCodec(ProtoStatusDetailsCodec):
+    """google.rpc status details, with the message types of error_details known."""
+
+    def decode(self, status: Status, message: str | None, data: bytes) -> Sequence[Any]:
+        import google.rpc.error_details_pb2  # type: ignore[import-untyped]  # noqa: F401, PLC0415
+
+        return super().decode(status, message, data)
+
+
 def _data_frame_body_repr(frame: DataFrame) -> str:
     if not frame.data:
         return "None"
@@ -52,4 +68,4 @@ def _data_frame_body_repr(frame: DataFrame) -> str:
 def open_channel(host: str, port: int, ssl_context: ssl.SSLContext) -> Channel:
     """A grpclib channel to ``host:port`` whose connections accept large DATA frames."""
     DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
-    return _Channel(host, port, ssl=ssl_context)
+    return _Channel(host, port, ssl=ssl_context, status_details_codec=_LazyDetailsCodec())

@@ -1,7 +1,10 @@
 """The one place where exceptions become gRPC statuses.
 
 A :class:`~jobworker.errors.JobworkerError` travels with the status its class names and its
-message, which is written for the caller. Two kinds of host errors are told apart first
+message, which is written for the caller, and with its class's name in the status details: a
+``google.rpc.ErrorInfo`` (domain ``jobworker``, reason the class name) in the standard
+``grpc-status-details-bin`` trailer, which any gRPC client can read and from which the
+jobworker client raises the same class again. Two kinds of host errors are told apart first
 (:func:`refine`), because their status tells the caller what to do:
 
 * the kernel refused a job's command line as too long (``E2BIG``): INVALID_ARGUMENT, since
@@ -20,10 +23,11 @@ import errno
 import logging
 from typing import Final
 
+from google.rpc.error_details_pb2 import ErrorInfo  # type: ignore[import-untyped]
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from jobworker.errors import InvalidArgument, JobworkerError, ResourceExhausted
+from jobworker.errors import ERROR_DOMAIN, InvalidArgument, JobworkerError, ResourceExhausted
 
 __all__ = ["refine", "to_grpc_error"]
 
@@ -71,6 +75,18 @@ def to_grpc_error(exc: Exception) -> GRPCError:
         return exc
     exc = refine(exc)
     if isinstance(exc, JobworkerError) and exc.grpc_status is not Status.INTERNAL:
-        return GRPCError(exc.grpc_status, exc.message)
+        return GRPCError(exc.grpc_status, exc.message, _details(exc))
     log.error("internal error while serving a call", exc_info=exc)
     return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE)
+
+
+def _details(exc: JobworkerError) -> list[ErrorInfo] | None:
+    """The status details that name the class of ``exc``, if it is one of the error tree.
+
+    grpclib sends them in ``grpc-status-details-bin`` (its server uses the google.rpc codec
+    whenever googleapis-common-protos is installed, and jobworker depends on it).
+    """
+    cls = type(exc)
+    if cls.__module__ != "jobworker.errors":
+        return None
+    return [ErrorInfo(reason=cls.__name__, domain=ERROR_DOMAIN)]
