@@ -20,6 +20,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 WRITER = BENCH_DIR / "writer.py"
 TICKER = BENCH_DIR / "ticker.py"
+# Jobs get these scripts as arguments (python -c): a job sees none of the host's /tmp, where
+# a checkout may live.
+WRITER_SOURCE = WRITER.read_text()
+TICKER_SOURCE = TICKER.read_text()
 # The server's default chunk size, which the baselines read with when none is given.
 DEFAULT_CHUNK = WorkerConfig(data_dir=Path()).chunk_size
 

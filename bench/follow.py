@@ -16,7 +16,7 @@ from pathlib import Path
 
 from asyncinotify import Inotify, Mask
 
-from bench.common import TICKER, Context, Section
+from bench.common import TICKER_SOURCE, Context, Section
 from bench.proc import self_cpu
 from bench.server import BenchError
 from bench.stats import percentile
@@ -61,7 +61,9 @@ async def _follow_file(path: Path, count: int) -> list[float]:
 
 async def measure(ctx: Context, out: Section) -> None:
     count = ctx.mode.follow_lines
-    args = ["-I", str(TICKER), str(count), str(PERIOD), str(DELAY)]
+    # The script travels as an argument: a job sees none of the host's /tmp, where a
+    # checkout may live.
+    args = ["-I", "-c", TICKER_SOURCE, str(count), str(PERIOD), str(DELAY)]
     timeout = DELAY + count * PERIOD * 3 + 10
     async with ctx.server("follow") as server, server.client() as client:
         lines = _Lines()

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.common import REPO_ROOT, WRITER, Context, Section
+from bench.common import REPO_ROOT, WRITER_SOURCE, Context, Section
 from bench.proc import sample, self_cpu
 from bench.server import BenchError
 from bench.stats import MIB, median, mib_per_s
@@ -134,7 +134,8 @@ async def measure(ctx: Context, out: Section) -> None:
         first_at: list[int] = []
 
         async def live_run() -> tuple[int, float | None]:
-            job = await client.start(ctx.job_python, ["-I", str(WRITER), str(total)])
+            # The script travels as an argument: a job sees none of the host's /tmp.
+            job = await client.start(ctx.job_python, ["-I", "-c", WRITER_SOURCE, str(total)])
             job_ids.append(job.id)
             return await _stream(client, job.id, checker, first_at)
 

@@ -22,6 +22,7 @@ job of :meth:`JobSpec.validate <jobworker.models.JobSpec.validate>`.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import datetime
 from typing import Final
 
@@ -69,6 +70,7 @@ _STATE_TO_PROTO: Final[dict[JobState, pb.JobState]] = {
     JobState.COMPLETED: pb.JobState.COMPLETED,
     JobState.STOPPED: pb.JobState.STOPPED,
     JobState.TERMINATED: pb.JobState.TERMINATED,
+    JobState.LOST: pb.JobState.LOST,
 }
 _STATE_FROM_PROTO: Final[dict[int, JobState]] = {
     int(wire): model for model, wire in _STATE_TO_PROTO.items()
@@ -154,14 +156,14 @@ def limits_from_proto(limits: pb.Limits | None) -> Limits:
 
 def usage_to_proto(usage: Usage) -> pb.Usage:
     """The wire form of ``usage``; a figure the host did not report is left unset."""
-    return pb.Usage(cpu_usec=usage.cpu_usec, memory_peak_bytes=usage.memory_peak_bytes)
+    return pb.Usage(**{f.name: getattr(usage, f.name) for f in fields(Usage)})
 
 
 def usage_from_proto(usage: pb.Usage | None) -> Usage:
     """The usage a message carries; an absent message or field is ``None`` (not reported)."""
     if usage is None:
         return Usage()
-    return Usage(cpu_usec=usage.cpu_usec, memory_peak_bytes=usage.memory_peak_bytes)
+    return Usage(**{f.name: getattr(usage, f.name) for f in fields(Usage)})
 
 
 def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
@@ -226,6 +228,7 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         user=status.user,
         uid=status.uid,
         network=network_to_proto(status.network),
+        stopped_by=status.stopped_by,
     )
 
 
@@ -257,6 +260,7 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
         user=status.user,
         uid=status.uid,
         network=network_from_proto(status.network) or Network.HOST,
+        stopped_by=status.stopped_by,
     )
 
 

@@ -70,6 +70,7 @@ class JobState(enum.Enum):
     COMPLETED = "completed"  # the main process exited by itself, with any exit code
     STOPPED = "stopped"  # ended by a stop request
     TERMINATED = "terminated"  # killed by a signal that was not our stop (e.g. the OOM killer)
+    LOST = "lost"  # ended while no server watched it, and its exit status was not recorded
 
     @property
     def is_final(self) -> bool:
@@ -215,10 +216,15 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class Usage:
-    """Resources a job used, where the kernel reports them."""
+    """Resources a job used, where the kernel reports them (``None``: not reported)."""
 
     cpu_usec: int | None = None  # cpu.stat usage_usec
     memory_peak_bytes: int | None = None  # memory.peak
+    oom_kills: int | None = None  # memory.events oom_kill
+    cpu_throttled_usec: int | None = None  # cpu.stat throttled_usec
+    pids_limit_hits: int | None = None  # pids.events max: forks refused at pids.max
+    io_read_bytes: int | None = None  # io.stat rbytes, all devices
+    io_write_bytes: int | None = None  # io.stat wbytes, all devices
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,7 @@ class JobStatus:
     user: str = ""  # the host account the job runs as; "" for a uid of the worker's own
     uid: int = 0
     network: Network = Network.HOST
+    stopped_by: str = ""  # who asked for the stop that ended it (state STOPPED)
 
 
 @dataclass(frozen=True)

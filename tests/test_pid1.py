@@ -442,7 +442,7 @@ def test_a_read_only_cgroup_mount_fails_at_start_with_what_to_change(
 ) -> None:
     monkeypatch.setattr(cgroup, "_read_only", lambda path: True)
     with pytest.raises(ConfigError) as raised:
-        CgroupTree(cgroup_root).setup()
+        CgroupTree(cgroup_root).prepare()
     message = raised.value.message
     assert "mounted read-only" in message
     for advice in ("--cgroupns=private", "--privileged", "Delegate=yes", "docs/deploy.md"):

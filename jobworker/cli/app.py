@@ -8,6 +8,7 @@ are inside ``serve`` and ``certs``.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import sys
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["app", "default_data_dir", "main"]
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 log = logging.getLogger("jobworker")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -669,12 +671,20 @@ def serve_command(
             help="Largest request message; larger ones get RESOURCE_EXHAUSTED unread.",
         ),
     ] = "4M",
+    on_exit: Annotated[
+        str,
+        typer.Option(
+            envvar="JOBWORKER_ON_EXIT",
+            metavar="stop|keep",
+            help="On SIGTERM: stop the running jobs, or keep them for the next server to adopt.",
+        ),
+    ] = "stop",
 ) -> None:
     """Run the jobworker server until SIGTERM or SIGINT."""
     from jobworker.server.app import ServerConfig, parse_listen, serve  # noqa: PLC0415 - lazy
     from jobworker.server.limits import ServerLimits  # noqa: PLC0415
     from jobworker.worker import WorkerConfig  # noqa: PLC0415
-    from jobworker.worker.config import parse_uid_range  # noqa: PLC0415
+    from jobworker.worker.config import OnExit, parse_uid_range  # noqa: PLC0415
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -694,6 +704,7 @@ def serve_command(
             run_as=run_as,
             allowed_users=frozenset(allow_user or ()),
             default_network=default_network,
+            on_exit=_on_exit(on_exit, OnExit),
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)
@@ -711,6 +722,13 @@ def serve_command(
         limits=limits,
     )
     _run(lambda: serve(config))
+
+
+def _on_exit(text: str, kind: type[E]) -> E:
+    try:
+        return kind(text)
+    except ValueError:
+        _fail(f"--on-exit takes stop or keep, not {text!r}", 2)
 
 
 def _server_tls(

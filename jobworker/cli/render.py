@@ -36,9 +36,15 @@ def status_json(status: JobStatus) -> dict[str, Any]:
         "env": dict(status.env),
         "limits": status.limits.items(),
         "unenforced_limits": sorted(status.unenforced),
+        "stopped_by": status.stopped_by or None,
         "usage": {
             "cpu_usec": status.usage.cpu_usec,
             "memory_peak_bytes": status.usage.memory_peak_bytes,
+            "oom_kills": status.usage.oom_kills,
+            "cpu_throttled_usec": status.usage.cpu_throttled_usec,
+            "pids_limit_hits": status.usage.pids_limit_hits,
+            "io_read_bytes": status.usage.io_read_bytes,
+            "io_write_bytes": status.usage.io_write_bytes,
         },
     }
 
@@ -89,6 +95,16 @@ def status_lines(status: JobStatus) -> list[str]:
         rows.append(("cpu time", f"{status.usage.cpu_usec / 1e6:.3f} s"))
     if status.usage.memory_peak_bytes is not None:
         rows.append(("peak memory", f"{status.usage.memory_peak_bytes} bytes"))
+    if status.stopped_by:
+        rows.append(("stopped by", status.stopped_by))
+    counters = (
+        ("oom kills", status.usage.oom_kills, ""),
+        ("cpu throttled", status.usage.cpu_throttled_usec, " us"),
+        ("pids limit hits", status.usage.pids_limit_hits, ""),
+        ("io read", status.usage.io_read_bytes, " bytes"),
+        ("io written", status.usage.io_write_bytes, " bytes"),
+    )
+    rows.extend((name, f"{value}{unit}") for name, value, unit in counters if value is not None)
     width = max(len(k) for k, _ in rows)
     return [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
 

@@ -1,6 +1,8 @@
 """The server's lifecycle: start, serve, and a graceful, bounded shutdown.
 
-Shutdown (SIGTERM, SIGINT, or leaving :class:`JobworkerServer`) goes in this order:
+Shutdown (SIGTERM, SIGINT, or leaving :class:`JobworkerServer`) goes in this order (a
+second SIGTERM or SIGINT meanwhile ends the process at once, leaving running jobs to the next
+server):
 
 1. new calls are refused and open calls, output streams included, end with UNAVAILABLE;
 2. up to ``drain_timeout`` seconds for those answers to be sent;
@@ -8,7 +10,8 @@ Shutdown (SIGTERM, SIGINT, or leaving :class:`JobworkerServer`) goes in this ord
 4. every client connection is closed, handshakes in progress included (Python 3.12+
    would otherwise wait for clients to hang up before ``wait_closed`` returns);
 5. the worker stops every running job (SIGTERM, its grace period, then ``cgroup.kill``)
-   and removes their cgroups.
+   and removes their cgroups; with ``on_exit=KEEP`` it leaves them running instead, for the
+   next server on the same data directory to adopt.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -188,7 +192,22 @@ async def serve(config: ServerConfig) -> None:
             return
         if os.getpid() == 1:
             log.info("running as PID 1: reaping orphaned processes")
-        async with JobworkerServer(config):
-            async for signum in signals:
-                log.info("received %s", signal.Signals(signum).name)
-                break
+        async with anyio.create_task_group() as task_group:
+            async with JobworkerServer(config):
+                async for signum in signals:
+                    log.info("received %s", signal.Signals(signum).name)
+                    break
+                task_group.start_soon(_exit_on_second_signal, signals)
+            task_group.cancel_scope.cancel()
+
+
+async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
+    """A second SIGTERM or SIGINT during the shutdown ends the process at once: the jobs
+    still running are left to the next server on this data directory, which adopts them."""
+    async for signum in signals:
+        log.warning(
+            "received %s again: exiting now; running jobs are left to the next server",
+            signal.Signals(signum).name,
+        )
+        logging.shutdown()
+        os._exit(1)

@@ -106,5 +106,10 @@ class UidPool:
             return
         loop.call_soon(self._check, uid)
 
+    def reserve(self, uid: int) -> None:
+        """Mark ``uid`` in use by a job this worker adopted (no-op outside the range)."""
+        if self._first <= uid < self._first + self._size:
+            self._in_use.add(uid)
+
     def release(self, uid: int) -> None:
         self._in_use.discard(uid)

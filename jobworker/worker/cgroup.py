@@ -128,15 +128,41 @@ class JobCgroup:
         except FileNotFoundError:
             return False
 
+    def open_init(self) -> int | None:
+        """A pidfd of the job's init (PID 1 of the job's namespace), found in this cgroup.
+
+        The pid comes from ``cgroup.procs`` and is checked again after the pidfd is open, so
+        it can never name a process outside the job (pid reuse).
+        """
+        for pid in self.pids():
+            if _namespace_pids(pid)[1:] != ["1"]:
+                continue
+            pidfd = os.pidfd_open(pid)
+            if pid in self.pids() and _namespace_pids(pid)[1:] == ["1"]:
+                return pidfd
+            os.close(pidfd)
+        return None
+
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and its descendants, atomically (cgroup.kill)."""
         with contextlib.suppress(FileNotFoundError):
             _write(self.path / "cgroup.kill", "1")
 
     def usage(self) -> Usage:
-        cpu = _read_optional(self.path / "cpu.stat")
-        peak = _read_optional_int(self.path / "memory.peak")
-        return Usage(cpu_usec=cpu.get("usage_usec") if cpu else None, memory_peak_bytes=peak)
+        """What the kernel counts for the cgroup; a figure it does not keep here is None."""
+        cpu = _read_optional(self.path / "cpu.stat") or {}
+        memory = _read_optional(self.path / "memory.events") or {}
+        pids = _read_optional(self.path / "pids.events") or {}
+        io = _read_io_stat(self.path / "io.stat")
+        return Usage(
+            cpu_usec=cpu.get("usage_usec"),
+            memory_peak_bytes=_read_optional_int(self.path / "memory.peak"),
+            oom_kills=memory.get("oom_kill"),
+            cpu_throttled_usec=cpu.get("throttled_usec"),
+            pids_limit_hits=pids.get("max"),
+            io_read_bytes=io.get("rbytes") if io is not None else None,
+            io_write_bytes=io.get("wbytes") if io is not None else None,
+        )
 
     def oom_killed(self) -> bool:
         events = _read_optional(self.path / "memory.events")
@@ -158,11 +184,38 @@ def _remove_tree(path: str) -> None:
     _rmdir(Path(path))
 
 
+def _namespace_pids(pid: int) -> list[str]:
+    """A process's pid in each PID namespace from ours down (``NSpid``); [] if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return line.split()[1:]
+    return []
+
+
 def _read_optional(path: Path) -> dict[str, int] | None:
     try:
         return _read_keyed(path)
     except FileNotFoundError:
         return None
+
+
+def _read_io_stat(path: Path) -> dict[str, int] | None:
+    """io.stat summed over devices: ``MAJ:MIN rbytes=1 wbytes=2 ...`` per line."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    totals: dict[str, int] = {"rbytes": 0, "wbytes": 0}
+    for line in text.splitlines():
+        for item in line.split()[1:]:
+            key, _, value = item.partition("=")
+            if key in totals and value.isdigit():
+                totals[key] += int(value)
+    return totals
 
 
 def _read_optional_int(path: Path) -> int | None:
@@ -267,9 +320,10 @@ class CgroupTree:
         self.jobs = Path()
         self.controllers: frozenset[str] = frozenset()
         self._created_root = False
+        self._own = Path()
 
-    def setup(self) -> None:
-        """Prepare ROOT: leaf for this process if needed, controllers, the ``jobs`` parent."""
+    def prepare(self) -> Path:
+        """Find ROOT and create it if needed; nothing in it is touched yet."""
         mount = find_cgroup2_mount()
         own = mount / own_cgroup().lstrip("/")
         root = self._requested_root or own
@@ -288,7 +342,14 @@ class CgroupTree:
         if not (root / "cgroup.procs").exists():
             raise ConfigError(f"{root} is not a cgroup v2 directory")
         self.root = root
-        if own == root:
+        self._own = own
+        return root
+
+    def setup(self) -> None:
+        """Prepare ROOT (after :meth:`prepare`): leaf for this process if needed,
+        controllers, the ``jobs`` parent."""
+        root = self.root
+        if self._own == root:
             self._move_self_to_leaf()
         self._enable_controllers(root)
         self.jobs = root / "jobs"
@@ -355,7 +416,10 @@ class CgroupTree:
         return cgroup
 
     def teardown(self) -> None:
-        """Remove the ``jobs`` parent, and ROOT if this worker created it and is not in it."""
+        """Remove the ``jobs`` parent, and ROOT if this worker created it and is not in it;
+        a parent that still holds job cgroups (jobs left running) stays."""
+        if any(p.is_dir() for p in self.jobs.iterdir()):
+            return
         _rmdir(self.jobs)
         if self._created_root and not (self.root / "server").exists():
             _rmdir(self.root)

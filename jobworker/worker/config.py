@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -9,7 +10,15 @@ from typing import Final
 from jobworker.errors import ConfigError
 from jobworker.worker.models import Limits, Network
 
-__all__ = ["DEFAULT_JOB_UIDS", "WorkerConfig", "parse_uid_range"]
+__all__ = ["DEFAULT_JOB_UIDS", "OnExit", "WorkerConfig", "parse_uid_range"]
+
+
+class OnExit(enum.Enum):
+    """What leaving the worker does to the jobs still running."""
+
+    STOP = "stop"  # stop them (SIGTERM, grace, cgroup.kill) and wait until they are gone
+    KEEP = "keep"  # leave them running, for the next worker on this data directory to adopt
+
 
 # Unprivileged uids (and gids of the same number) for jobs, one per running job. systemd
 # names 65536-524287 unused (docs/UIDS-GIDS.md of systemd), and shadow's useradd hands out
@@ -36,7 +45,8 @@ class WorkerConfig:
     ``job_uids`` (inclusive), never shared with another running job; with ``run_as``, that
     host account for every job instead. A job may name an account itself only if it is in
     ``allowed_users`` (the server lets only admins ask). ``default_network`` is the network
-    of jobs that do not choose one.
+    of jobs that do not choose one. ``on_exit`` is what leaving the worker does to running
+    jobs (see :class:`OnExit`).
     """
 
     data_dir: Path
@@ -51,6 +61,7 @@ class WorkerConfig:
     run_as: str | None = None
     allowed_users: frozenset[str] = frozenset()
     default_network: Network = Network.HOST
+    on_exit: OnExit = OnExit.STOP
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:

@@ -23,8 +23,10 @@
  * init sends them to every process of the namespace (kill(-1)), so "SIGTERM to the job"
  * reaches its whole tree and is never ignored because the program is a namespace's PID 1.
  *
- * Exit status: the init tells the monitor the program's raw wait status through a pipe and
- * exits, which kills whatever the program left behind in the namespace. The monitor then
+ * Exit status: the init writes the program's raw wait status, in decimal, to the exit file
+ * (descriptor 4), which outlives any server, then tells the monitor through a pipe and
+ * exits, which kills whatever the program left behind in the namespace. If the init is
+ * killed first (cgroup.kill), the monitor writes the init's status there instead. The monitor then
  * ends the same way the program did: with its exit code, or killed by its signal (with core
  * dumps off), so the worker reads the program's own status from its child.
  *
@@ -32,12 +34,13 @@
  * "chdir 13"), and the helper exits. A successful exec closes the report descriptor
  * (close-on-exec) without a word, which is how the worker knows the program is running.
  *
- * Usage (the worker's, not a person's), with the report descriptor as fd 3:
+ * Usage (the worker's, not a person's), with the report descriptor as fd 3 and the job's
+ * exit file open for writing as fd 4:
  *   jobworker-init run CGROUP_DIR UID GID FLAGS DATA_DIR WORK_DIR CWD
  *                  NENV ENV... PROGRAM ARGV0 ARG...
  *   jobworker-init check FLAGS
  * FLAGS: "-" or "n" (a network namespace of its own, loopback only). Every descriptor above
- * 3 is closed first, whatever the worker left open.
+ * 4 is closed first, whatever the worker left open.
  *
  * The init is created straight into the job's cgroup and namespaces with
  * clone3(CLONE_INTO_CGROUP | CLONE_NEW*), so no process is ever moved between cgroups (a
@@ -68,6 +71,7 @@
 
 #define EXIT_SETUP 125
 #define REPORT_FD 3
+#define EXIT_FD 4
 
 static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM};
 #define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
@@ -240,7 +244,10 @@ static void run_init(const struct job *job, const char *data_dir, const char *wo
         int status;
         pid_t pid = wait(&status);
         if (pid == program) {
-            ssize_t ignored = write(status_fd, &status, sizeof status);
+            char line[32];
+            int n = snprintf(line, sizeof line, "%d\n", status);
+            ssize_t ignored = write(EXIT_FD, line, (size_t)n);
+            ignored = write(status_fd, &status, sizeof status);
             (void)ignored;
             _exit(0);
         }
@@ -343,6 +350,13 @@ static int run(int argc, char **argv) {
     int init_status = 0;
     while (waitpid(init, &init_status, 0) < 0 && errno == EINTR) {
     }
+    if (got != sizeof program_status) {
+        /* The init was killed before it could say (cgroup.kill): the job ended that way. */
+        char line[32];
+        int n = snprintf(line, sizeof line, "%d\n", init_status);
+        ssize_t ignored = write(EXIT_FD, line, (size_t)n);
+        (void)ignored;
+    }
     mirror(got == sizeof program_status ? program_status : init_status);
     return 0;
 }
@@ -366,10 +380,11 @@ int main(int argc, char **argv) {
     if (chdir("/") < 0) return EXIT_SETUP;
     if (argc >= 2 && strcmp(argv[1], "run") == 0) {
         /* Nothing but stdio and the report descriptor crosses into the job. */
-        if (syscall(SYS_close_range, REPORT_FD + 1, ~0U, 0) < 0) {
-            for (int fd = REPORT_FD + 1; fd < 1024; fd++) close(fd);
+        if (syscall(SYS_close_range, EXIT_FD + 1, ~0U, 0) < 0) {
+            for (int fd = EXIT_FD + 1; fd < 1024; fd++) close(fd);
         }
         fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC);
+        fcntl(EXIT_FD, F_SETFD, FD_CLOEXEC);
     }
     if (argc >= 3 && strcmp(argv[1], "check") == 0) return check(argv[2]);
     if (argc >= 2 && strcmp(argv[1], "run") == 0) return run(argc, argv);

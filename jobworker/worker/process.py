@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -47,6 +48,7 @@ __all__ = [
     "job_environment",
     "resolve_program",
     "spawn_job",
+    "wait_readable",
 ]
 
 DEFAULT_PATH: Final = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,6 +57,7 @@ HELPER: Final = Path(__file__).with_name("jobworker-init")
 # the worker's cgroup).
 HELPER_PROCESSES: Final = 1
 _REPORT_FD: Final = 3  # where the helper finds the report pipe (init.c)
+_EXIT_FD: Final = 4  # and the job's exit file
 
 
 def resolve_program(program: str, search_path: str) -> str:
@@ -178,10 +181,16 @@ class Monitor:
             if result is not None:
                 self.returncode = _returncode(result)
                 break
-            await _readable(self._pidfd)
+            await wait_readable(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
         return self.returncode
+
+    def close(self) -> None:
+        """Stop watching the process (it goes on); its exit status is then not collected."""
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
     def send_signal(self, signum: signal.Signals) -> None:
         if self._pidfd >= 0:
@@ -193,7 +202,8 @@ def _returncode(info: os.waitid_result) -> int:
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
-async def _readable(fd: int) -> None:
+async def wait_readable(fd: int) -> None:
+    """Wait until ``fd`` (a pipe or a pidfd) is readable, in the event loop."""
     loop = asyncio.get_running_loop()
     readable: asyncio.Future[None] = loop.create_future()
     loop.add_reader(fd, _wake, readable)
@@ -222,16 +232,20 @@ def _helper_argv(launch: Launch) -> list[str]:
     ]
 
 
-async def spawn_job(launch: Launch, output_fd: int) -> Monitor:
+async def spawn_job(launch: Launch, output_fd: int, exit_fd: int) -> Monitor:
     """Start the job's program through the helper; return once the program runs.
 
     stdin is /dev/null; stdout and stderr both go to ``output_fd``, so the log keeps the
-    order in which they were written. The job gets a new session, so terminal signals meant
-    for the worker do not reach it. Raises :class:`InvalidCommand` if the job's account
+    order in which they were written. The job's init writes the program's wait status to
+    ``exit_fd`` when it ends. The job gets a new session, so terminal signals meant for the
+    worker do not reach it. Raises :class:`InvalidCommand` if the job's account
     cannot run the program or enter its directory, :class:`Unavailable` if the host
     refused something else; the helper has exited by then.
     """
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    given = (output_fd, write_end, exit_fd)
+    # posix_spawn applies the dup2s in order: no source may be the target of an earlier one.
+    output, report_w, exit_w = moved = [_above(fd, _EXIT_FD) for fd in given]
     try:
         try:
             pid = os.posix_spawn(  # noqa: ASYNC221 - returns once the helper is exec'd (vfork)
@@ -240,15 +254,19 @@ async def spawn_job(launch: Launch, output_fd: int) -> Monitor:
                 {},
                 file_actions=[
                     (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, output_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, output_fd, 2),
-                    (os.POSIX_SPAWN_DUP2, write_end, _REPORT_FD),
+                    (os.POSIX_SPAWN_DUP2, output, 1),
+                    (os.POSIX_SPAWN_DUP2, output, 2),
+                    (os.POSIX_SPAWN_DUP2, report_w, _REPORT_FD),
+                    (os.POSIX_SPAWN_DUP2, exit_w, _EXIT_FD),
                 ],
                 setsid=True,
             )
             monitor = Monitor(pid)
         finally:
             os.close(write_end)
+            for fd, original in zip(moved, given, strict=True):
+                if fd != original:
+                    os.close(fd)
         report = await _read_to_end(read_end)
     finally:
         os.close(read_end)
@@ -266,11 +284,16 @@ async def _read_to_end(fd: int) -> bytes:
         try:
             chunk = os.read(fd, 4096)
         except BlockingIOError:
-            await _readable(fd)
+            await wait_readable(fd)
             continue
         if not chunk:
             return bytes(data)
         data += chunk
+
+
+def _above(fd: int, floor: int) -> int:
+    """``fd``, or a close-on-exec copy of it numbered above ``floor``."""
+    return fd if fd > floor else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + 1)
 
 
 def _wake(future: asyncio.Future[None]) -> None:

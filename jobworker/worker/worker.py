@@ -1,17 +1,25 @@
 """The Worker: the async context manager that owns every job.
 
-Jobs live as long as the worker, not as long as whoever started them. Leaving the worker's
-``async with`` stops every running job (SIGTERM, grace, cgroup.kill), waits until each job's
-cgroup is empty and removed, and then removes the worker's own cgroup directories.
+Jobs live as long as the worker, not as long as whoever started them, and their records
+longer still: every job is recorded in the data directory's store (``store.py``) before
+``start`` returns. A worker holds its data directory and its cgroup root alone (``lock.py``).
+On entry it adopts the jobs an earlier worker left running, records the end of those that
+ended meanwhile, and kills any job cgroup it has no record of. Leaving the worker's ``async
+with`` stops every running job (SIGTERM, grace, cgroup.kill), waits until each job's cgroup
+is empty and removed, and then removes the worker's own cgroup directories; with
+``on_exit=KEEP`` it leaves them running for the next worker instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sqlite3
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -20,26 +28,27 @@ import anyio.abc
 
 from jobworker.errors import (
     InvalidLimits,
-    JobNotFound,
+    JobworkerError,
     LimitNotEnforceable,
     PermissionDenied,
     Unavailable,
     WorkerClosed,
 )
-from jobworker.worker.accounts import Account, UidPool, host_account
-from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
-from jobworker.worker.config import WorkerConfig
-from jobworker.worker.job import Job, empty_cgroup
-from jobworker.worker.logs import OutputStream, create_log
-from jobworker.worker.models import (
+from jobworker.models import (
     LIMIT_CONTROLLERS,
     JobSpec,
+    JobState,
     JobStatus,
     Limits,
     Network,
     new_job_id,
     parse_job_id,
 )
+from jobworker.worker.accounts import Account, UidPool, host_account
+from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
+from jobworker.worker.config import OnExit, WorkerConfig
+from jobworker.worker.lock import exclusive
+from jobworker.worker.logs import OutputStream, create_log
 from jobworker.worker.notify import FileWatcher
 from jobworker.worker.process import (
     Launch,
@@ -50,6 +59,9 @@ from jobworker.worker.process import (
     spawn_job,
 )
 from jobworker.worker.reaper import OrphanReaper
+from jobworker.worker.records import JobTable
+from jobworker.worker.runner import RunningJob, empty_cgroup
+from jobworker.worker.store import JobStore
 from jobworker.worker.workdir import WorkDirs
 
 __all__ = ["Worker"]
@@ -71,12 +83,13 @@ class Worker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config.validate()
-        self._jobs: dict[str, Job] = {}
+        self._table = JobTable(JobStore(config.data_dir / "jobs.db"))
         self._cgroups = CgroupTree(config.cgroup_root)
         self._watcher = FileWatcher()
         self._stack = AsyncExitStack()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._logs_dir = config.data_dir / "logs"
+        self._exits_dir = config.data_dir / "exits"
         self._work_dirs = WorkDirs(config.data_dir / "work")
         self._uids = UidPool(*config.job_uids)
         # Accounts a job may be run as, resolved once: every name must exist now.
@@ -93,21 +106,27 @@ class Worker:
     # Lifecycle.
 
     async def __aenter__(self) -> Worker:
+        data = self.config.data_dir
         async with AsyncExitStack() as stack:
-            self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._logs_dir.mkdir(mode=0o700, exist_ok=True)
+            data.mkdir(mode=0o700, parents=True, exist_ok=True)
+            stack.enter_context(exclusive(data / "lock", f"data directory {data}"))
+            for directory in (self._logs_dir, self._exits_dir):
+                directory.mkdir(mode=0o700, exist_ok=True)
             self._work_dirs.setup()
             await check_isolation(Network.NONE)
+            root = self._cgroups.prepare()
+            stack.enter_context(exclusive(root, f"cgroup root {root}"))
             self._cgroups.setup()
             stack.callback(self._cgroups.teardown)
             if self._reaper is not None:
                 self._reaper.install()
                 stack.callback(self._reaper.uninstall)
+            stack.enter_context(self._table.store.opened())
             await stack.enter_async_context(self._watcher)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.push_async_callback(self._stop_all)
-            await self._reap_leftovers()
-            self._io_device = self.config.io_device or block_device_of(self.config.data_dir)
+            stack.push_async_callback(self._on_exit)
+            await self._recover()
+            self._io_device = self.config.io_device or block_device_of(data)
             self._enforceable = frozenset(
                 name
                 for name, controller in LIMIT_CONTROLLERS.items()
@@ -145,23 +164,74 @@ class Worker:
                 "; no block device for I/O limits" if self._io_device is None else "",
             )
 
-    async def _reap_leftovers(self) -> None:
-        for cgroup in self._cgroups.leftovers():
+    # Start-up: the jobs an earlier worker left.
+
+    async def _recover(self) -> None:
+        """Adopt the recorded jobs still running, record the end of those that ended while
+        no worker ran, and kill whatever runs in a job cgroup that has no record."""
+        assert self._task_group is not None
+        cgroups = {cgroup.path.name: cgroup for cgroup in self._cgroups.leftovers()}
+        for status in self._table.load():
+            if status.state is not JobState.RUNNING:
+                continue
+            cgroup = cgroups.pop(status.id, None) or JobCgroup(self._cgroups.jobs / status.id)
+            job = RunningJob(
+                status, cgroup, self._exits_dir / status.id, self._watcher, None, self._table.update
+            )
+            if not status.user:
+                self._uids.reserve(status.uid)
+            self._table.adopt(job)
             if cgroup.populated():
-                log.warning("killing the processes an earlier worker left in %s", cgroup.path)
+                self._task_group.start_soon(self._supervise, job)
+                log.info("job %s of %r: adopted from an earlier server", status.id, status.owner)
+            else:
+                await self._supervise(job)  # it ended while no worker ran: record it now
+        for name, cgroup in cgroups.items():
+            log.warning("killing job cgroup %s: there is no record of it", cgroup.path)
             with anyio.fail_after(30):
                 await empty_cgroup(cgroup, self._watcher)
             cgroup.remove()
+            self._forget_files(name)
+
+    def _forget_files(self, job_id: str) -> None:
+        """Remove what a job without a record left: its log, exit file and directory."""
+        try:
+            job_id = parse_job_id(job_id)
+        except JobworkerError:
+            return
+        (self._logs_dir / f"{job_id}.log").unlink(missing_ok=True)
+        (self._exits_dir / job_id).unlink(missing_ok=True)
+        self._work_dirs.remove(self._work_dirs.path(job_id))
+
+    # Leaving.
+
+    async def _on_exit(self) -> None:
+        assert self._task_group is not None
+        with anyio.CancelScope(shield=True):
+            if self.config.on_exit is OnExit.KEEP:
+                jobs = list(self._table.running_jobs())
+                for job in jobs:
+                    job.abandon()
+                self._task_group.cancel_scope.cancel()
+                if jobs:
+                    log.info("leaving %d running jobs for the next server", len(jobs))
+                return
+            await self._stop_all()
 
     async def _stop_all(self) -> None:
-        """Stop every running job and wait until all are over, even if cancelled."""
-        with anyio.CancelScope(shield=True):
-            assert self._task_group is not None
-            running = [job for job in self._jobs.values() if not job.is_ended()]
+        """Stop every running job and wait until all are over, even if cancelled; a job that
+        will not end (its cgroup never empties) is given up on after the grace and 30 s."""
+        assert self._task_group is not None
+        running = list(self._table.running_jobs())
+        for job in running:
+            job.request_stop(self._task_group, self.config.stop_grace, "server shutdown")
+        with anyio.move_on_after(self.config.stop_grace + 30) as scope:
             for job in running:
-                job.request_stop(self._task_group, self.config.stop_grace)
-            for job in running:
-                await job.wait()
+                await self._table.wait_end(job.id)
+        if scope.cancelled_caught:
+            left = [job.id for job in self._table.running_jobs()]
+            log.error("jobs did not end after being killed, left behind: %s", ", ".join(left))
+            self._task_group.cancel_scope.cancel()
 
     # Capabilities.
 
@@ -177,7 +247,8 @@ class Worker:
     # Operations.
 
     async def start(self, spec: JobSpec) -> JobStatus:
-        """Start a job and return its first status. Nothing is left behind if it fails."""
+        """Start a job and return its first status, once it is recorded. Nothing is left
+        behind if it fails."""
         if self._closing or self._task_group is None:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
         spec.validate()
@@ -201,21 +272,17 @@ class Worker:
                 data_dir=self.config.data_dir,
                 work_dir=work_dir,
             )
-            process, cgroup = await self._launch(job_id, launch, enforced)
+            with anyio.CancelScope(shield=True):
+                job = await self._launch(job_id, spec, launch, enforced, unenforced, limits)
         except BaseException:
             self._release(account)
             raise
-        job = Job(
-            job_id, spec, limits, unenforced, cgroup, process, self._logs_dir / f"{job_id}.log",
-            self._watcher, launch,
-        )  # fmt: skip
-        self._jobs[job_id] = job
-        self._task_group.start_soon(self._supervise, job, process)
+        self._task_group.start_soon(self._supervise, job)
         log.info(
             "job %s started for %r as uid %d: %s %s (pid %d)",
-            job_id, spec.owner, account.uid, program, list(spec.args), process.pid,
+            job_id, spec.owner, account.uid, program, list(spec.args), job.status.pid,
         )  # fmt: skip
-        return job.status(usage=False)  # it has only just started: nothing to count yet
+        return job.status  # it has only just started: nothing to count yet
 
     def _account(self, spec: JobSpec) -> Account:
         """Who the job runs as: the account it named, the server's, or a uid of its own."""
@@ -233,54 +300,109 @@ class Worker:
         return self._uids.acquire()
 
     def _release(self, account: Account) -> None:
+        """Give back the uid of a job that did not start."""
         if not account.name:
             self._uids.release(account.uid)
 
     async def _launch(
-        self, job_id: str, launch: Launch, limits: Limits
-    ) -> tuple[Monitor, JobCgroup]:
-        """Create the job's cgroup, log and directory and start it; all or nothing."""
-        cgroup = self._cgroups.create_job(job_id, limits, self._io_device)
+        self,
+        job_id: str,
+        spec: JobSpec,
+        launch: Launch,
+        enforced: Limits,
+        unenforced: frozenset[str],
+        limits: Limits,
+    ) -> RunningJob:
+        """Create the job's cgroup, log, exit file and directory, start it and record it;
+        all or nothing. Called shielded: once the child exists it must become a job."""
+        cgroup = self._cgroups.create_job(job_id, enforced, self._io_device)
         log_path = self._logs_dir / f"{job_id}.log"
+        exit_file = self._exits_dir / job_id
+        monitor: Monitor | None = None
         try:
             self._work_dirs.create(launch.work_dir, launch.account)
             output_fd = create_log(log_path)
             try:
-                # Shielded: once the child exists it must become a job, whoever gave up.
-                with anyio.CancelScope(shield=True), self._starting_child():
-                    launch = replace(launch, cgroup=cgroup.path)
-                    process = await spawn_job(launch, output_fd)
-                    self._children[process.pid] = process
+                exit_fd = os.open(exit_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+                try:
+                    with self._starting_child():
+                        launch = replace(launch, cgroup=cgroup.path)
+                        monitor = await spawn_job(launch, output_fd, exit_fd)
+                        self._children[monitor.pid] = monitor
+                finally:
+                    os.close(exit_fd)
             finally:
                 os.close(output_fd)
+            status = JobStatus(
+                id=job_id,
+                state=JobState.RUNNING,
+                owner=spec.owner,
+                program=spec.program,
+                args=spec.args,
+                pid=monitor.pid,
+                started_at=datetime.now(UTC),
+                limits=limits,
+                unenforced=unenforced,
+                env=spec.env,
+                cwd=launch.cwd,
+                user=launch.account.name,
+                uid=launch.account.uid,
+                network=launch.network,
+            )
+            job = RunningJob(status, cgroup, exit_file, self._watcher, monitor, self._table.update)
+            self._table.add(job)
         except BaseException as exc:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            if monitor is not None:
+                # Started, but not recorded: it must not run unrecorded.
+                cgroup.kill()
+                monitor.send_signal(signal.SIGKILL)
+                with anyio.move_on_after(10):
+                    await monitor.wait()
+                self._children.pop(monitor.pid, None)
+            with anyio.move_on_after(10):
                 await empty_cgroup(cgroup, self._watcher)
             log_path.unlink(missing_ok=True)
+            exit_file.unlink(missing_ok=True)
             self._work_dirs.remove(launch.work_dir)
             cgroup.remove()
-            if isinstance(exc, OSError):
+            if isinstance(exc, (OSError, sqlite3.Error)):
                 # The program was checked already: this is the host (no pids, memory or disk
                 # space left), and trying again later may work.
                 log.error("cannot start a job: %s", exc)
-                raise Unavailable(f"the worker cannot start a job now: {exc.strerror}") from exc
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise Unavailable(f"the worker cannot start a job now: {why}") from exc
             raise
-        return process, cgroup
+        return job
 
-    async def _supervise(self, job: Job, process: Monitor) -> None:
+    async def _supervise(self, job: RunningJob) -> None:
+        monitor = job.monitor
         try:
-            await job.supervise()
+            final = await job.supervise()
+        except Exception:
+            log.exception("job %s: its end could not be observed", job.id)
+            job.cgroup.kill()
+            final = replace(job.status, state=JobState.LOST, ended_at=datetime.now(UTC))
+        except BaseException:
+            if monitor is not None:
+                monitor.close()
+            raise
         finally:
-            if not job.account.name:
-                # No process of the job is left: its uid may serve another job, which must
-                # not find this job's files.
-                self._work_dirs.lock(job.launch.work_dir)
-            self._release(job.account)
-            if self._children.get(process.pid) is process:
-                del self._children[process.pid]
+            if monitor is not None and self._children.get(monitor.pid) is monitor:
+                del self._children[monitor.pid]
             if self._reaper is not None:
                 # The reaper stops at a job's zombie; orphans behind it are reaped now.
                 self._reaper.reap()
+        self._table.finish(final)
+        job.exit_file.unlink(missing_ok=True)
+        if not final.user:
+            # No process of the job is left: its uid may serve another job, which must not
+            # find this job's files.
+            self._work_dirs.lock(self._work_dirs.path(job.id))
+            self._uids.release(final.uid)
+        log.info(
+            "job %s ended: %s exit_code=%s signal=%s oom_killed=%s",
+            job.id, final.state.value, final.exit_code, final.signal, final.oom_killed,
+        )  # fmt: skip
 
     # Orphans (see worker/reaper.py).
 
@@ -323,38 +445,36 @@ class Worker:
             raise InvalidLimits(f"limits above this worker's maximum: {details}")
         return limits
 
-    def _job(self, job_id: str) -> Job:
-        job = self._jobs.get(parse_job_id(job_id))
-        if job is None:
-            raise JobNotFound(f"no job {job_id}")
-        return job
-
     def status(self, job_id: str) -> JobStatus:
-        return self._job(job_id).status()
+        return self._table.get(job_id)
 
     def list(self, owner: str | None = None) -> list[JobStatus]:
         """Every job (or every job of ``owner``), oldest first."""
-        return [job.status() for job in self._jobs.values() if owner is None or job.owner == owner]
+        return [s for s in self._table.all() if owner is None or s.owner == owner]
 
-    async def stop(self, job_id: str) -> JobStatus:
+    async def stop(self, job_id: str, by: str = "") -> JobStatus:
         """Stop a job and return its final status once every process of it is gone.
 
-        Stopping a job that already ended returns its final status unchanged.
+        ``by`` names who asked, for the record. Stopping a job that already ended returns
+        its final status unchanged.
         """
-        job = self._job(job_id)
         if self._task_group is None:
             raise WorkerClosed("the worker is not running")
-        job.request_stop(self._task_group, self.config.stop_grace)
-        return await job.wait()
+        status = self._table.record(job_id)
+        job = self._table.running(status.id)
+        if job is None:
+            return status
+        job.request_stop(self._task_group, self.config.stop_grace, by or "the worker")
+        return await self._table.wait_end(status.id)
 
     def output(self, job_id: str, offset: int = 0) -> OutputStream:
         """The job's output from ``offset``, following it live until the job ends."""
-        job = self._job(job_id)
+        status = self._table.record(job_id)
         return OutputStream(
-            job.log_path,
+            self._logs_dir / f"{status.id}.log",
             offset,
             self.config.chunk_size,
             self._watcher,
-            job.is_ended,
-            job.end_waiters,
+            lambda: self._table.is_ended(status.id),
+            self._table.end_waiters(status.id),
         )

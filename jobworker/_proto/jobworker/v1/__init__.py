@@ -111,6 +111,12 @@ class JobState(betterproto2.Enum):
     the kernel's OOM killer (see JobStatus.signal and JobStatus.oom_killed).
     """
 
+    LOST = 5
+    """
+    The job ended while no server was watching it, and its exit status was not recorded
+    (for example its cgroup was gone when a restarted server looked for it).
+    """
+
     @classmethod
     def betterproto_value_to_renamed_proto_names(cls) -> dict[int, str]:
         return {
@@ -119,6 +125,7 @@ class JobState(betterproto2.Enum):
             2: "JOB_STATE_COMPLETED",
             3: "JOB_STATE_STOPPED",
             4: "JOB_STATE_TERMINATED",
+            5: "JOB_STATE_LOST",
         }
 
     @classmethod
@@ -129,6 +136,7 @@ class JobState(betterproto2.Enum):
             "JOB_STATE_COMPLETED": 2,
             "JOB_STATE_STOPPED": 3,
             "JOB_STATE_TERMINATED": 4,
+            "JOB_STATE_LOST": 5,
         }
 
 
@@ -279,6 +287,12 @@ class JobStatus(betterproto2.Message):
     )
     """
     The network the job sees. Never JOB_NETWORK_UNSPECIFIED.
+    """
+
+    stopped_by: "str" = betterproto2.field(20, betterproto2.TYPE_STRING)
+    """
+    Who asked for the stop that ended the job (the caller's name), when its state is
+    JOB_STATE_STOPPED; empty otherwise.
     """
 
 
@@ -494,6 +508,30 @@ class Usage(betterproto2.Message):
     """
     Peak memory use of the job's cgroup, in bytes (cgroup memory.peak).
     """
+
+    oom_kills: "int | None" = betterproto2.field(3, betterproto2.TYPE_UINT64, optional=True)
+    """
+    Processes of the job the kernel's OOM killer killed (memory.events oom_kill).
+    """
+
+    cpu_throttled_usec: "int | None" = betterproto2.field(
+        4, betterproto2.TYPE_UINT64, optional=True
+    )
+    """
+    Time the job was held back by its CPU limit, in microseconds (cpu.stat throttled_usec).
+    """
+
+    pids_limit_hits: "int | None" = betterproto2.field(5, betterproto2.TYPE_UINT64, optional=True)
+    """
+    Forks refused because the job was at its process limit (pids.events max).
+    """
+
+    io_read_bytes: "int | None" = betterproto2.field(6, betterproto2.TYPE_UINT64, optional=True)
+    """
+    Bytes the job read from and wrote to block devices (io.stat rbytes and wbytes).
+    """
+
+    io_write_bytes: "int | None" = betterproto2.field(7, betterproto2.TYPE_UINT64, optional=True)
 
 
 default_message_pool.register_message("jobworker.v1", "Usage", Usage)

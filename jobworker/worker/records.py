@@ -1,0 +1,115 @@
+"""Every job a worker knows, running or ended: the job table, backed by the store.
+
+A job's record is its :class:`~jobworker.models.JobStatus`. The table keeps every record in
+memory in start order (they are small: a few hundred bytes each) and writes each change to
+the :class:`~jobworker.worker.store.JobStore` before it is visible, so what a caller has
+been told is on disk. A running job also has its :class:`RunningJob`, which the table drops
+when the job ends; readers of the job's output subscribe to its end here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import anyio
+
+from jobworker.errors import JobNotFound
+from jobworker.models import JobStatus, parse_job_id
+from jobworker.worker.notify import Wakeup
+from jobworker.worker.runner import RunningJob
+from jobworker.worker.store import JobStore
+
+__all__ = ["JobTable"]
+
+
+class JobTable:
+    """Records by job id, the running jobs among them, and their end subscriptions."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self._records: dict[str, JobStatus] = {}
+        self._running: dict[str, RunningJob] = {}
+        self._ends: dict[str, anyio.Event] = {}
+        self._end_waiters: dict[str, set[Wakeup]] = {}
+
+    @property
+    def store(self) -> JobStore:
+        return self._store
+
+    def load(self) -> list[JobStatus]:
+        """Read every record from the store (at start-up), oldest first."""
+        self._records = {status.id: status for status in self._store.load()}
+        return list(self._records.values())
+
+    # Changes, each written to the store first.
+
+    def add(self, job: RunningJob) -> None:
+        """A job that has just started."""
+        self._store.add(job.status)
+        self._records[job.id] = job.status
+        self._watch(job)
+
+    def adopt(self, job: RunningJob) -> None:
+        """A recorded job still running from an earlier worker."""
+        self._watch(job)
+
+    def _watch(self, job: RunningJob) -> None:
+        self._running[job.id] = job
+        self._ends[job.id] = anyio.Event()
+        self._end_waiters.setdefault(job.id, set())
+
+    def update(self, status: JobStatus) -> None:
+        """A change to a job's record, such as a stop request."""
+        self._store.update(status)
+        self._records[status.id] = status
+
+    def finish(self, final: JobStatus) -> None:
+        """A job has ended: record its final status and tell everyone waiting."""
+        self.update(final)
+        self._running.pop(final.id, None)
+        event = self._ends.pop(final.id, None)
+        if event is not None:
+            event.set()
+        for waiter in self._end_waiters.pop(final.id, set()):
+            waiter.set()
+
+    # Lookups.
+
+    def record(self, job_id: str) -> JobStatus:
+        """The record of ``job_id`` (any case), or :class:`JobNotFound`."""
+        status = self._records.get(parse_job_id(job_id))
+        if status is None:
+            raise JobNotFound(f"no job {job_id}")
+        return status
+
+    def get(self, job_id: str) -> JobStatus:
+        """The job's status now: a running job's with what the kernel has counted so far."""
+        status = self.record(job_id)
+        job = self._running.get(status.id)
+        return job.snapshot() if job is not None else status
+
+    def running(self, job_id: str) -> RunningJob | None:
+        return self._running.get(parse_job_id(job_id))
+
+    def all(self) -> list[JobStatus]:
+        """Every job's status, oldest first."""
+        return [
+            job.snapshot() if (job := self._running.get(job_id)) is not None else status
+            for job_id, status in self._records.items()
+        ]
+
+    def running_jobs(self) -> Iterator[RunningJob]:
+        return iter(list(self._running.values()))
+
+    def is_ended(self, job_id: str) -> bool:
+        return job_id not in self._running
+
+    def end_waiters(self, job_id: str) -> set[Wakeup]:
+        """The wake-ups to set when ``job_id`` ends (an empty set for an ended job)."""
+        return self._end_waiters.get(job_id, set())
+
+    async def wait_end(self, job_id: str) -> JobStatus:
+        event = self._ends.get(job_id)
+        if event is not None:
+            await event.wait()
+        return self._records[job_id]
