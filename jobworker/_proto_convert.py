@@ -177,6 +177,7 @@ def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
         cwd=spec.cwd,
         user=spec.user,
         network=network_to_proto(spec.network),
+        max_output=spec.max_output,
     )
 
 
@@ -191,6 +192,7 @@ def spec_from_proto(request: pb.StartJobRequest, owner: str) -> JobSpec:
         cwd=request.cwd,
         user=request.user,
         network=network_from_proto(request.network),
+        max_output=request.max_output,
     )
 
 
@@ -229,6 +231,10 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         uid=status.uid,
         network=network_to_proto(status.network),
         stopped_by=status.stopped_by,
+        max_output=status.max_output,
+        output_bytes=status.output_bytes,
+        output_dropped=status.output_dropped,
+        output_lost=status.output_lost,
     )
 
 
@@ -261,14 +267,18 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
         uid=status.uid,
         network=network_from_proto(status.network) or Network.HOST,
         stopped_by=status.stopped_by,
+        max_output=status.max_output,
+        output_bytes=status.output_bytes,
+        output_dropped=status.output_dropped,
+        output_lost=status.output_lost,
     )
 
 
 def chunk_to_proto(chunk: OutputChunk) -> pb.OutputChunk:
-    """The wire form of a piece of output."""
-    return pb.OutputChunk(offset=chunk.offset, data=chunk.data)
+    """The wire form of a piece of output, or of a gap in it."""
+    return pb.OutputChunk(offset=chunk.offset, data=chunk.data, dropped=chunk.dropped)
 
 
 def chunk_from_proto(chunk: pb.OutputChunk) -> OutputChunk:
-    """The piece of output a message carries."""
-    return OutputChunk(offset=chunk.offset, data=chunk.data)
+    """The piece of output (or the gap) a message carries."""
+    return OutputChunk(offset=chunk.offset, data=chunk.data, dropped=chunk.dropped)

@@ -26,6 +26,7 @@ __all__ = [
     "LIMIT_CONTROLLERS",
     "LIMIT_RANGES",
     "MAX_COMMAND_BYTES",
+    "MAX_OUTPUT_RANGE",
     "JobSpec",
     "JobState",
     "JobStatus",
@@ -143,6 +144,9 @@ class Network(enum.Enum):
     NONE = "none"  # a network namespace of its own with only loopback, up
 
 
+# The accepted range of a job's output cap (JobSpec.max_output), inclusive.
+MAX_OUTPUT_RANGE: Final = (1 << 20, 1 << 62)
+
 # The most a job's program, arguments and environment may take together, counted as the
 # kernel counts them (each string with its NUL). Linux refuses more than 2 MiB at exec, and
 # any single string over 128 KiB.
@@ -172,7 +176,9 @@ class JobSpec:
     ``cwd`` is the directory the program starts in (``None``: the job's own working
     directory), ``user`` a host account the job runs as (``None``: the server's choice, see
     ``jobworker.worker.WorkerConfig``), ``network`` the network it sees (``None``:
-    the server's default).
+    the server's default), ``max_output`` the most bytes of output the server keeps for it
+    (``None``: the server's default): past it, the head and the tail of the output are kept
+    and the bytes between them dropped.
     """
 
     program: str
@@ -183,6 +189,7 @@ class JobSpec:
     cwd: str | None = None
     user: str | None = None
     network: Network | None = None
+    max_output: int | None = None
 
     def validate(self) -> JobSpec:
         """Raise :class:`InvalidCommand` or :class:`InvalidLimits` for a malformed spec."""
@@ -210,6 +217,13 @@ class JobSpec:
             _check_string("user", self.user)
             if not self.user or "/" in self.user or ":" in self.user:
                 raise InvalidCommand(f"user {self.user!r} is not an account name")
+        if self.max_output is not None:
+            low, high = MAX_OUTPUT_RANGE
+            cap = self.max_output
+            if isinstance(cap, bool) or not isinstance(cap, int) or not low <= cap <= high:
+                raise InvalidLimits(
+                    f"max_output must be an integer from {low} (1 MiB) to {high}, not {cap!r}"
+                )
         self.limits.validate()
         return self
 
@@ -251,14 +265,29 @@ class JobStatus:
     uid: int = 0
     network: Network = Network.HOST
     stopped_by: str = ""  # who asked for the stop that ended it (state STOPPED)
+    max_output: int | None = None  # the output cap in force; None: unbounded
+    output_bytes: int = 0  # bytes the job has written, dropped ones included
+    output_dropped: int = 0  # bytes of its output dropped to keep within max_output
+    output_lost: bool = False  # the disk filled while it ran: some of its writes may have failed
 
 
 @dataclass(frozen=True)
 class OutputChunk:
-    """A piece of a job's output and where it starts in the log."""
+    """A piece of a job's output and where it starts in the log.
+
+    A chunk with ``dropped`` set is a gap instead: it has no data, and says that the bytes
+    ``offset`` to ``offset + dropped`` (exclusive) were dropped to keep the job's output
+    within its cap. The next chunk starts where the gap ends.
+    """
 
     offset: int
     data: bytes
+    dropped: int = 0
+
+    @property
+    def end(self) -> int:
+        """Where the next chunk starts."""
+        return self.offset + (self.dropped or len(self.data))
 
 
 # Sizes and CPU counts as people type them (docker's conventions).

@@ -61,6 +61,10 @@ FULL = JobStatus(
     user="root",
     uid=(1 << 32) - 2,
     network=Network.NONE,
+    max_output=1 << 62,
+    output_bytes=(1 << 64) - 1,
+    output_dropped=(1 << 63) + 5,
+    output_lost=True,
 )
 
 MINIMAL = JobStatus(
@@ -281,7 +285,13 @@ def test_an_unknown_network_is_the_callers_error() -> None:
 
 
 def test_spec_round_trips_through_a_start_request() -> None:
-    spec = JobSpec(program="/bin/sh", args=("-c", "echo hi"), limits=ALL_LIMITS, owner="dave")
+    spec = JobSpec(
+        program="/bin/sh",
+        args=("-c", "echo hi"),
+        limits=ALL_LIMITS,
+        owner="dave",
+        max_output=64 << 20,
+    )
     request = pb.StartJobRequest.parse(bytes(spec_to_proto(spec)))
     assert request.program == "/bin/sh"
     assert request.args == ["-c", "echo hi"]
@@ -295,8 +305,9 @@ def test_spec_round_trips_through_a_start_request() -> None:
     [
         OutputChunk(offset=0, data=b"hello\n"),
         OutputChunk(offset=(1 << 64) - 1, data=bytes(range(256)) * 4),
+        OutputChunk(offset=1 << 20, data=b"", dropped=(1 << 63) + 1),
     ],
-    ids=["text", "binary"],
+    ids=["text", "binary", "gap"],
 )
 def test_chunks_round_trip_through_bytes(chunk: OutputChunk) -> None:
     wire = pb.OutputChunk.parse(bytes(chunk_to_proto(chunk)))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Final
 
 from jobworker.errors import ConfigError
-from jobworker.worker.models import Limits, Network
+from jobworker.worker.models import MAX_OUTPUT_RANGE, Limits, Network
 
 __all__ = ["DEFAULT_JOB_UIDS", "OnExit", "WorkerConfig", "parse_uid_range"]
 
@@ -47,6 +47,10 @@ class WorkerConfig:
     ``allowed_users`` (the server lets only admins ask). ``default_network`` is the network
     of jobs that do not choose one. ``on_exit`` is what leaving the worker does to running
     jobs (see :class:`OnExit`).
+
+    Output: ``default_max_output`` is the output cap of jobs that ask for none and
+    ``max_max_output`` the largest a job may ask for (``None``: no default cap, no maximum);
+    past its cap a job's log keeps its head and its tail (see ``worker/holes.py``).
     """
 
     data_dir: Path
@@ -62,6 +66,8 @@ class WorkerConfig:
     allowed_users: frozenset[str] = frozenset()
     default_network: Network = Network.HOST
     on_exit: OnExit = OnExit.STOP
+    default_max_output: int | None = None
+    max_max_output: int | None = None
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:
@@ -74,6 +80,14 @@ class WorkerConfig:
             names = ", ".join(sorted(over))
             raise ConfigError(f"default limits must be set and within the maximum for: {names}")
         _validate_uid_range(self.job_uids)
+        low, high = MAX_OUTPUT_RANGE
+        for name in ("default_max_output", "max_max_output"):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"{name} must be 1 MiB to {high} bytes, not {value}")
+        top, default = self.max_max_output, self.default_max_output
+        if top is not None and default is not None and default > top:
+            raise ConfigError(f"the default output cap {default} is above the maximum {top}")
         return self
 
 

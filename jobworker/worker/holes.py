@@ -22,9 +22,10 @@ import os
 from pathlib import Path
 from typing import Final
 
+from jobworker.models import MAX_OUTPUT_RANGE
+
 __all__ = [
     "ALIGN",
-    "MAX_OUTPUT_RANGE",
     "OutputCap",
     "dropped_bytes",
     "next_data",
@@ -38,8 +39,6 @@ _FALLOC_FL_PUNCH_HOLE: Final = 0x02
 #: The unit holes are punched in: a multiple of every common filesystem's block size.
 ALIGN: Final = 64 * 1024
 
-#: The accepted range of a job's output cap, inclusive.
-MAX_OUTPUT_RANGE: Final = (1 << 20, 1 << 62)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _fallocate = _libc.fallocate

@@ -5,6 +5,11 @@ buffers output in memory. A reader (:class:`OutputStream`) reads from its offset
 of the file, then sleeps until inotify says the file grew or the job ended, and repeats. It
 ends once the job has ended and every byte has been read. Each reader has its own file
 descriptor and offset, so any number of them can follow one job independently.
+
+A job with an output cap has holes in its log where bytes were dropped (``holes.py``). A
+reader never returns them as zeros: it reads only up to the next hole, and where its offset
+lies in a hole it returns one gap chunk (``OutputChunk.dropped``) that skips to where data
+resumes (``SEEK_DATA``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from jobworker.errors import InvalidOffset
+from jobworker.worker.holes import next_data, next_hole
 from jobworker.worker.models import OutputChunk
 from jobworker.worker.notify import FileWatcher, Wakeup
 
@@ -101,11 +107,21 @@ class OutputStream:
             # Arm before reading; decide "ended" before the read that may find nothing.
             self._waiter.clear()
             ended = self._ended()
-            data = os.pread(self._fd, self._chunk_size, self._offset)
-            if data:
-                chunk = OutputChunk(self._offset, data)
-                self._offset += len(data)
+            chunk = self._read()
+            if chunk is not None:
+                self._offset = chunk.end
                 return chunk
             if ended:
                 raise StopAsyncIteration
             await self._waiter.wait()
+
+    def _read(self) -> OutputChunk | None:
+        """The data (or the gap) at the offset now, or None if the output ends there."""
+        resume = next_data(self._fd, self._offset)
+        if resume is None:
+            return None
+        if resume > self._offset:
+            return OutputChunk(self._offset, b"", dropped=resume - self._offset)
+        size = min(self._chunk_size, next_hole(self._fd, self._offset) - self._offset)
+        data = os.pread(self._fd, size, self._offset)
+        return OutputChunk(self._offset, data) if data else None

@@ -143,6 +143,10 @@ def status_to_json(status: JobStatus) -> str:
         "uid": status.uid,
         "network": status.network.value,
         "stopped_by": status.stopped_by,
+        "max_output": status.max_output,
+        "output_bytes": status.output_bytes,
+        "output_dropped": status.output_dropped,
+        "output_lost": status.output_lost,
     }
     return json.dumps(document, separators=(",", ":"))
 
@@ -171,4 +175,8 @@ def status_from_json(text: str) -> JobStatus:
         uid=d.get("uid", 0),
         network=Network(d.get("network", "host")),
         stopped_by=d.get("stopped_by", ""),
+        max_output=d.get("max_output"),
+        output_bytes=d.get("output_bytes", 0),
+        output_dropped=d.get("output_dropped", 0),
+        output_lost=d.get("output_lost", False),
     )

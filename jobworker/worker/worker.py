@@ -8,6 +8,10 @@ ended meanwhile, and kills any job cgroup it has no record of. Leaving the worke
 with`` stops every running job (SIGTERM, grace, cgroup.kill), waits until each job's cgroup
 is empty and removed, and then removes the worker's own cgroup directories; with
 ``on_exit=KEEP`` it leaves them running for the next worker instead.
+
+The worker watches each running job's log (one task per job, woken by inotify): a job with
+an output cap has the middle of its log dropped as it grows (``holes.py``), so its disk use
+stays within the cap while the job writes as fast as it likes.
 """
 
 from __future__ import annotations
@@ -41,15 +45,17 @@ from jobworker.models import (
     JobStatus,
     Limits,
     Network,
+    format_size,
     new_job_id,
     parse_job_id,
 )
 from jobworker.worker.accounts import Account, UidPool, host_account
 from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
 from jobworker.worker.config import OnExit, WorkerConfig
+from jobworker.worker.holes import OutputCap, dropped_bytes
 from jobworker.worker.lock import exclusive
 from jobworker.worker.logs import OutputStream, create_log
-from jobworker.worker.notify import FileWatcher
+from jobworker.worker.notify import FileWatcher, Wakeup
 from jobworker.worker.process import (
     Launch,
     Monitor,
@@ -101,6 +107,8 @@ class Worker:
         # The jobs' monitors: children whose exit status their jobs collect.
         self._children: dict[int, Monitor] = {}
         self._spawning = 0
+        # The output caps of running jobs that have one, by job id.
+        self._caps: dict[str, OutputCap] = {}
         self._reaper = OrphanReaper(self.owns_child) if config.reap_orphans else None
 
     # Lifecycle.
@@ -181,6 +189,7 @@ class Worker:
             if not status.user:
                 self._uids.reserve(status.uid)
             self._table.adopt(job)
+            self._watch_output(status)
             if cgroup.populated():
                 self._task_group.start_soon(self._supervise, job)
                 log.info("job %s of %r: adopted from an earlier server", status.id, status.owner)
@@ -253,6 +262,7 @@ class Worker:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
         spec.validate()
         limits = self._effective_limits(spec.limits)
+        max_output = self._effective_max_output(spec.max_output)
         unenforced = frozenset(limits.items()) - self._enforceable
         job_id = new_job_id()
         work_dir = self._work_dirs.path(job_id)
@@ -273,10 +283,13 @@ class Worker:
                 work_dir=work_dir,
             )
             with anyio.CancelScope(shield=True):
-                job = await self._launch(job_id, spec, launch, enforced, unenforced, limits)
+                job = await self._launch(
+                    job_id, spec, launch, enforced, unenforced, limits, max_output
+                )
         except BaseException:
             self._release(account)
             raise
+        self._watch_output(job.status)
         self._task_group.start_soon(self._supervise, job)
         log.info(
             "job %s started for %r as uid %d: %s %s (pid %d)",
@@ -312,6 +325,7 @@ class Worker:
         enforced: Limits,
         unenforced: frozenset[str],
         limits: Limits,
+        max_output: int | None,
     ) -> RunningJob:
         """Create the job's cgroup, log, exit file and directory, start it and record it;
         all or nothing. Called shielded: once the child exists it must become a job."""
@@ -348,6 +362,7 @@ class Worker:
                 user=launch.account.name,
                 uid=launch.account.uid,
                 network=launch.network,
+                max_output=max_output,
             )
             job = RunningJob(status, cgroup, exit_file, self._watcher, monitor, self._table.update)
             self._table.add(job)
@@ -392,7 +407,7 @@ class Worker:
             if self._reaper is not None:
                 # The reaper stops at a job's zombie; orphans behind it are reaped now.
                 self._reaper.reap()
-        self._table.finish(final)
+        self._table.finish(self._final_output(final))
         job.exit_file.unlink(missing_ok=True)
         if not final.user:
             # No process of the job is left: its uid may serve another job, which must not
@@ -416,6 +431,77 @@ class Worker:
             self._spawning -= 1
             if self._reaper is not None:
                 self._reaper.reap()
+
+    # Output: caps and counts.
+
+    def _log_path(self, job_id: str) -> Path:
+        return self._logs_dir / f"{job_id}.log"
+
+    def _watch_output(self, status: JobStatus) -> None:
+        """Begin keeping a running job's log within its cap, if it has one."""
+        assert self._task_group is not None
+        if status.max_output is None:
+            return
+        try:
+            cap = OutputCap(self._log_path(status.id), status.max_output)
+        except OSError as exc:
+            log.error("job %s: its output cannot be capped: %s", status.id, exc)
+            return
+        self._caps[status.id] = cap
+        self._task_group.start_soon(self._cap_output, status.id, cap)
+
+    async def _cap_output(self, job_id: str, cap: OutputCap) -> None:
+        """Trim the job's log whenever inotify says it grew, until the job has ended."""
+        waiter = Wakeup()
+        waiters = self._table.end_waiters(job_id)
+        waiters.add(waiter)
+        try:
+            async with self._watcher.watch(self._log_path(job_id), waiter):
+                while not self._table.is_ended(job_id):
+                    waiter.clear()
+                    cap.trim()
+                    await waiter.wait()
+        except OSError as exc:
+            # A file system without hole punching, or the log is gone: the job runs on.
+            log.error("job %s: its output is no longer capped: %s", job_id, exc)
+        finally:
+            waiters.discard(waiter)
+            if self._caps.get(job_id) is cap:
+                del self._caps[job_id]
+            cap.close()
+
+    def _with_output(self, status: JobStatus) -> JobStatus:
+        """A running job's status with its output counted now."""
+        if status.state is not JobState.RUNNING:
+            return status
+        try:
+            size = self._log_path(status.id).stat().st_size
+        except FileNotFoundError:
+            return status
+        cap = self._caps.get(status.id)
+        dropped = cap.dropped_to - cap.head if cap is not None else status.output_dropped
+        return replace(status, output_bytes=size, output_dropped=dropped)
+
+    def _final_output(self, final: JobStatus) -> JobStatus:
+        """An ended job's status with its output's final size and dropped bytes, once the
+        last trim has run (no process of the job is left to write)."""
+        cap = self._caps.get(final.id)
+        try:
+            if cap is not None:
+                cap.trim()
+            fd = os.open(self._log_path(final.id), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.error("job %s: cannot measure its output: %s", final.id, exc)
+            return final
+        try:
+            return replace(
+                final, output_bytes=os.fstat(fd).st_size, output_dropped=dropped_bytes(fd)
+            )
+        except OSError as exc:
+            log.error("job %s: cannot measure its output: %s", final.id, exc)
+            return final
+        finally:
+            os.close(fd)
 
     def owns_child(self, pid: int) -> bool:
         """Whether the exit status of child ``pid`` belongs to the worker's jobs.
@@ -445,12 +531,28 @@ class Worker:
             raise InvalidLimits(f"limits above this worker's maximum: {details}")
         return limits
 
+    def _effective_max_output(self, requested: int | None) -> int | None:
+        """The output cap of a job that asked for ``requested`` (None: the default)."""
+        top = self.config.max_max_output
+        value = requested if requested is not None else self.config.default_max_output
+        if top is None:
+            return value
+        if value is None:
+            return top
+        if value > top:
+            raise InvalidLimits(
+                f"max_output {format_size(value)} is above this worker's maximum {format_size(top)}"
+            )
+        return value
+
     def status(self, job_id: str) -> JobStatus:
-        return self._table.get(job_id)
+        return self._with_output(self._table.get(job_id))
 
     def list(self, owner: str | None = None) -> list[JobStatus]:
         """Every job (or every job of ``owner``), oldest first."""
-        return [s for s in self._table.all() if owner is None or s.owner == owner]
+        return [
+            self._with_output(s) for s in self._table.all() if owner is None or s.owner == owner
+        ]
 
     async def stop(self, job_id: str, by: str = "") -> JobStatus:
         """Stop a job and return its final status once every process of it is gone.
@@ -471,7 +573,7 @@ class Worker:
         """The job's output from ``offset``, following it live until the job ends."""
         status = self._table.record(job_id)
         return OutputStream(
-            self._logs_dir / f"{status.id}.log",
+            self._log_path(status.id),
             offset,
             self.config.chunk_size,
             self._watcher,

@@ -295,6 +295,29 @@ class JobStatus(betterproto2.Message):
     JOB_STATE_STOPPED; empty otherwise.
     """
 
+    max_output: "int | None" = betterproto2.field(21, betterproto2.TYPE_UINT64, optional=True)
+    """
+    The most bytes of output the server keeps for the job (StartJobRequest.max_output, or
+    the server's default); unset when its output is unbounded.
+    """
+
+    output_bytes: "int" = betterproto2.field(22, betterproto2.TYPE_UINT64)
+    """
+    Bytes of output the job has written so far, dropped ones included.
+    """
+
+    output_dropped: "int" = betterproto2.field(23, betterproto2.TYPE_UINT64)
+    """
+    Bytes of its output the server dropped to keep within `max_output`: the middle of the
+    output, between the head and the tail it keeps (see OutputChunk.dropped).
+    """
+
+    output_lost: "bool" = betterproto2.field(24, betterproto2.TYPE_BOOL)
+    """
+    True when the server's disk filled up while the job ran: some of the job's writes to its
+    output may have failed (ENOSPC), and what they held is not in the output.
+    """
+
 
 default_message_pool.register_message("jobworker.v1", "JobStatus", JobStatus)
 
@@ -363,18 +386,26 @@ default_message_pool.register_message("jobworker.v1", "ListJobsResponse", ListJo
 @dataclass(eq=False, repr=False)
 class OutputChunk(betterproto2.Message):
     """
-    A piece of a job's output.
+    A piece of a job's output, or a gap in it.
     """
 
     offset: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
     """
-    Position of the first byte of `data` in the job's output, in bytes from the start.
+    Position of the first byte of `data` (or of the gap) in the job's output, in bytes from
+    the start. Offsets are absolute: dropping bytes never moves the bytes after them.
     """
 
     data: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
     """
-    The output bytes (stdout and stderr interleaved as written). Never empty; at most the
-    server's chunk size.
+    The output bytes (stdout and stderr interleaved as written). Empty only in a gap; at
+    most the server's chunk size.
+    """
+
+    dropped: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+    """
+    Nonzero in a gap: the bytes from `offset` to `offset + dropped` (exclusive) were
+    dropped to keep the job's output within its cap (JobStatus.max_output), and are not
+    sent. The next chunk starts at `offset + dropped`.
     """
 
 
@@ -431,6 +462,15 @@ class StartJobRequest(betterproto2.Message):
     )
     """
     The network the job sees; unset takes the server's default.
+    """
+
+    max_output: "int | None" = betterproto2.field(8, betterproto2.TYPE_UINT64, optional=True)
+    """
+    The most bytes of output the server keeps for the job, at least 1 MiB (1048576); unset
+    takes the server's default (serve --default-max-output), and more than the server's
+    maximum (serve --max-max-output) is INVALID_ARGUMENT. Past it the job keeps running
+    and writing: the server keeps the first half of the cap and the latest output, and
+    drops the bytes between them (see OutputChunk.dropped).
     """
 
 
