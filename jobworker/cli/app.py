@@ -32,7 +32,15 @@ from jobworker.cli.render import status_json, status_lines, status_table
 from jobworker.client import DEFAULT_RECONNECT_FOR, DEFAULT_SERVER, Client
 from jobworker.client.config import default_data_dir, parse_timeout
 from jobworker.errors import ConfigError, CredentialsError, JobworkerError
-from jobworker.models import JobState, JobStatus, Limits, Network, parse_cpus, parse_size
+from jobworker.models import (
+    JobState,
+    JobStatus,
+    Limits,
+    Network,
+    OutputChunk,
+    parse_cpus,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from jobworker.client import OutputReader
@@ -255,6 +263,14 @@ _Network = Annotated[
     Network | None,
     typer.Option("--network", help="host, or none: loopback only (default: the server's choice)."),
 ]
+_MaxOutput = Annotated[
+    str | None,
+    typer.Option(
+        "--max-output",
+        metavar="SIZE",
+        help="Most output the server keeps, e.g. 64M; past it the head and tail are kept.",
+    ),
+]
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 _ReconnectFor = Annotated[
     float,
@@ -276,10 +292,15 @@ class _Placement:
     cwd: str | None
     user: str | None
     network: Network | None
+    max_output: int | None = None
 
 
 def _placement(
-    env: list[str] | None, cwd: str | None, user: str | None, network: Network | None
+    env: list[str] | None,
+    cwd: str | None,
+    user: str | None,
+    network: Network | None,
+    max_output: str | None = None,
 ) -> _Placement:
     variables = {}
     for item in env or []:
@@ -287,7 +308,14 @@ def _placement(
         if not sep or not name:
             _fail(f"--env takes NAME=VALUE, not {item!r}")
         variables[name] = value
-    return _Placement(variables, cwd, user, network)
+    return _Placement(variables, cwd, user, network, _size("--max-output", max_output))
+
+
+def _size(option: str, text: str | None) -> int | None:
+    try:
+        return None if text is None else parse_size(text)
+    except ValueError as exc:
+        _fail(f"{option}: {exc}")
 
 
 def _encodable(command: list[str]) -> list[str]:
@@ -312,6 +340,7 @@ async def _start(
         cwd=placement.cwd,
         user=placement.user,
         network=placement.network,
+        max_output=placement.max_output,
     )
 
 
@@ -353,11 +382,12 @@ def start(
     cwd: _Cwd = None,
     user: _User = None,
     network: _Network = None,
+    max_output: _MaxOutput = None,
     json_output: _Json = False,
 ) -> None:
     """Start a job; print its id (or its status with --json)."""
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
-    placement = _placement(env, cwd, user, network)
+    placement = _placement(env, cwd, user, network, max_output)
     command = _encodable(command)
 
     async def go(client: Client) -> JobStatus:
@@ -424,10 +454,22 @@ def _write(data: bytes) -> None:
     out.flush()
 
 
+def _gap_line(chunk: OutputChunk) -> None:
+    typer.echo(
+        f"jobworker: bytes {chunk.offset}..{chunk.end} of the output were dropped "
+        "(the job's output cap keeps its head and tail)",
+        err=True,
+    )
+
+
 async def _copy_output(client: Client, job_id: str, offset: int) -> None:
     async with client.output(job_id, offset) as output:
-        async for data in output:
-            _write(data)
+        while (chunk := await output.next_chunk()) is not None:
+            if chunk.dropped:
+                sys.stdout.buffer.flush()
+                _gap_line(chunk)
+            else:
+                _write(chunk.data)
 
 
 @app.command()
@@ -453,6 +495,8 @@ async def _settled_chunk(output: OutputReader) -> bytes | None:
     """The next chunk, or None once the job ended or nothing more came for a moment."""
     with anyio.move_on_after(_LOGS_SETTLE):
         chunk = await output.next_chunk()
+        if chunk is not None and chunk.dropped:
+            _gap_line(chunk)
         return None if chunk is None else chunk.data
     return None
 
@@ -540,6 +584,7 @@ def run(
     cwd: _Cwd = None,
     user: _User = None,
     network: _Network = None,
+    max_output: _MaxOutput = None,
     reconnect_for: _ReconnectFor = DEFAULT_RECONNECT_FOR,
 ) -> None:
     """Start a job, stream its output, and exit with its exit code (128+signal if killed).
@@ -547,7 +592,7 @@ def run(
     On Ctrl-C the job keeps running, and its id is printed on stderr.
     """
     limits = _limits(memory, cpus, pids_limit, io_read_bps, io_write_bps)
-    placement = _placement(env, cwd, user, network)
+    placement = _placement(env, cwd, user, network, max_output)
     command = _encodable(command)
     started: list[str] = []
 
@@ -671,6 +716,22 @@ def serve_command(
             help="Largest request message; larger ones get RESOURCE_EXHAUSTED unread.",
         ),
     ] = "4M",
+    default_max_output: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_DEFAULT_MAX_OUTPUT",
+            metavar="SIZE",
+            help="Output cap of jobs that set none, e.g. 64M [default: none, or the maximum].",
+        ),
+    ] = None,
+    max_max_output: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_MAX_MAX_OUTPUT",
+            metavar="SIZE",
+            help="Highest output cap a job may ask for.",
+        ),
+    ] = None,
     on_exit: Annotated[
         str,
         typer.Option(
@@ -705,6 +766,8 @@ def serve_command(
             allowed_users=frozenset(allow_user or ()),
             default_network=default_network,
             on_exit=_on_exit(on_exit, OnExit),
+            default_max_output=_size("--default-max-output", default_max_output),
+            max_max_output=_size("--max-max-output", max_max_output),
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)

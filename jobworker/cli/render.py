@@ -6,7 +6,7 @@ import shlex
 from datetime import datetime
 from typing import Any
 
-from jobworker.models import JobStatus, Limits
+from jobworker.models import JobStatus, Limits, format_size
 
 __all__ = ["status_json", "status_lines", "status_table"]
 
@@ -37,6 +37,10 @@ def status_json(status: JobStatus) -> dict[str, Any]:
         "limits": status.limits.items(),
         "unenforced_limits": sorted(status.unenforced),
         "stopped_by": status.stopped_by or None,
+        "max_output": status.max_output,
+        "output_bytes": status.output_bytes,
+        "output_dropped": status.output_dropped,
+        "output_lost": status.output_lost,
         "usage": {
             "cpu_usec": status.usage.cpu_usec,
             "memory_peak_bytes": status.usage.memory_peak_bytes,
@@ -73,6 +77,15 @@ def _outcome(status: JobStatus) -> str:
     return "-"
 
 
+def _output(status: JobStatus) -> str:
+    text = f"{status.output_bytes} bytes written"
+    if status.max_output is not None:
+        text += f", {status.output_dropped} dropped (cap {format_size(status.max_output)})"
+    if status.output_lost:
+        text += "; some output was lost: the server's disk was full"
+    return text
+
+
 def status_lines(status: JobStatus) -> list[str]:
     """A job's status as ``key: value`` lines."""
     rows = [
@@ -90,6 +103,7 @@ def status_lines(status: JobStatus) -> list[str]:
         ("started", _time(status.started_at) or "-"),
         ("ended", _time(status.ended_at) or "-"),
         ("limits", _limits(status.limits, status.unenforced)),
+        ("output", _output(status)),
     ]
     if status.usage.cpu_usec is not None:
         rows.append(("cpu time", f"{status.usage.cpu_usec / 1e6:.3f} s"))

@@ -199,13 +199,16 @@ class Client:
         cwd: str | None = None,
         user: str | None = None,
         network: Network | None = None,
+        max_output: int | None = None,
         timeout: Timeout = _CLIENT_TIMEOUT,  # noqa: ASYNC109 - a gRPC deadline
     ) -> JobStatus:
         """Start ``program`` with ``args``; the job's id is ``status.id``.
 
         ``env`` adds environment variables, ``cwd`` is the directory to start in (default:
         the job's own), ``user`` a host account to run as (admins only, and only accounts
-        the server allows), ``network`` the network it sees (default: the server's).
+        the server allows), ``network`` the network it sees (default: the server's),
+        ``max_output`` the most bytes of output the server keeps (default: the server's):
+        past it, the head and the tail are kept and the middle dropped.
         """
         spec = JobSpec(
             program,
@@ -215,6 +218,7 @@ class Client:
             cwd=cwd,
             user=user,
             network=network,
+            max_output=max_output,
         )
         seconds = self._seconds(timeout)
         call = self.stub.start_job(spec_to_proto(spec), timeout=seconds)
@@ -300,6 +304,10 @@ class OutputReader:
     goes away (UNAVAILABLE), the reader opens the stream again from ``offset``, so no byte
     is lost or repeated, for up to ``reconnect_for`` seconds; then it raises
     :class:`Unavailable` saying so.
+
+    Where the server dropped part of the output (the job's output cap), :meth:`next_chunk`
+    returns a gap: an :class:`OutputChunk` with ``dropped`` set and no data. Iterating
+    over the bytes skips gaps, and every gap seen is in :attr:`gaps` as ``(start, end)``.
     """
 
     def __init__(self, client: Client, job_id: str, offset: int, reconnect_for: float) -> None:
@@ -308,6 +316,7 @@ class OutputReader:
         self.offset = offset
         self.reconnect_for = reconnect_for
         self.reconnects = 0
+        self.gaps: list[tuple[int, int]] = []
         self._stack = AsyncExitStack()
         self._stream: Stream[pb.StreamJobOutputRequest, pb.OutputChunk] | None = None
         self._entered = False
@@ -373,13 +382,14 @@ class OutputReader:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self.next_chunk()
-        if chunk is None:
-            raise StopAsyncIteration
-        return chunk.data
+        while (chunk := await self.next_chunk()) is not None:
+            if chunk.data:
+                return chunk.data
+        raise StopAsyncIteration
 
     async def next_chunk(self) -> OutputChunk | None:
-        """The next chunk with its offset, or None once the job ended and all was read."""
+        """The next chunk with its offset (or the next gap), or None once the job ended and
+        all was read."""
         if not self._entered:
             raise RuntimeError(
                 "read the output inside 'async with client.output(job_id) as output:'"
@@ -401,7 +411,9 @@ class OutputReader:
                 raise JobworkerError(
                     f"output out of order: got offset {chunk.offset}, expected {self.offset}"
                 )
-            self.offset += len(chunk.data)
+            self.offset = chunk.end
+            if chunk.dropped:
+                self.gaps.append((chunk.offset, chunk.end))
             return chunk
         return None
 
