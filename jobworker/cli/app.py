@@ -732,6 +732,14 @@ def serve_command(
             help="Highest output cap a job may ask for.",
         ),
     ] = None,
+    min_free: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_MIN_FREE",
+            metavar="SIZE|PERCENT",
+            help="Refuse new jobs while the data directory's disk has less free, e.g. 1G or 5%.",
+        ),
+    ] = None,
     on_exit: Annotated[
         str,
         typer.Option(
@@ -745,7 +753,7 @@ def serve_command(
     from jobworker.server.app import ServerConfig, parse_listen, serve  # noqa: PLC0415 - lazy
     from jobworker.server.limits import ServerLimits  # noqa: PLC0415
     from jobworker.worker import WorkerConfig  # noqa: PLC0415
-    from jobworker.worker.config import OnExit, parse_uid_range  # noqa: PLC0415
+    from jobworker.worker.config import MinFree, OnExit, parse_uid_range  # noqa: PLC0415
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -768,6 +776,7 @@ def serve_command(
             on_exit=_on_exit(on_exit, OnExit),
             default_max_output=_size("--default-max-output", default_max_output),
             max_max_output=_size("--max-max-output", max_max_output),
+            min_free=MinFree.parse(min_free) if min_free is not None else None,
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)

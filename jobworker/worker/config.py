@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Final
 
 from jobworker.errors import ConfigError
+from jobworker.models import format_size, parse_size
 from jobworker.worker.models import MAX_OUTPUT_RANGE, Limits, Network
 
-__all__ = ["DEFAULT_JOB_UIDS", "OnExit", "WorkerConfig", "parse_uid_range"]
+__all__ = ["DEFAULT_JOB_UIDS", "MinFree", "OnExit", "WorkerConfig", "parse_uid_range"]
 
 
 class OnExit(enum.Enum):
@@ -18,6 +19,42 @@ class OnExit(enum.Enum):
 
     STOP = "stop"  # stop them (SIGTERM, grace, cgroup.kill) and wait until they are gone
     KEEP = "keep"  # leave them running, for the next worker on this data directory to adopt
+
+
+@dataclass(frozen=True)
+class MinFree:
+    """Free space to keep on the data directory's filesystem: bytes, or a percentage of it."""
+
+    size: int = 0
+    percent: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> MinFree:
+        """``512M``, ``2G`` or ``5%``."""
+        text = text.strip()
+        try:
+            if text.endswith("%"):
+                free = cls(percent=float(text[:-1]))
+            else:
+                free = cls(size=parse_size(text))
+        except ValueError:
+            raise ConfigError(
+                f"a minimum of free space is a size such as 512M or a percentage such as 5%, "
+                f"not {text!r}"
+            ) from None
+        return free.validate()
+
+    def validate(self) -> MinFree:
+        if not 0 <= self.percent < 100 or self.size < 0:
+            raise ConfigError(f"a minimum of free space must be 0 to 99%, or a size, not {self}")
+        return self
+
+    def bytes_of(self, total: int) -> int:
+        """The bytes to keep free on a filesystem of ``total`` bytes."""
+        return max(self.size, int(total * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else format_size(self.size)
 
 
 # Unprivileged uids (and gids of the same number) for jobs, one per running job. systemd
@@ -51,6 +88,7 @@ class WorkerConfig:
     Output: ``default_max_output`` is the output cap of jobs that ask for none and
     ``max_max_output`` the largest a job may ask for (``None``: no default cap, no maximum);
     past its cap a job's log keeps its head and its tail (see ``worker/holes.py``).
+    ``min_free`` is the free space below which new jobs are refused (``None``: no minimum).
     """
 
     data_dir: Path
@@ -68,6 +106,7 @@ class WorkerConfig:
     on_exit: OnExit = OnExit.STOP
     default_max_output: int | None = None
     max_max_output: int | None = None
+    min_free: MinFree | None = None
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:
@@ -88,6 +127,8 @@ class WorkerConfig:
         top, default = self.max_max_output, self.default_max_output
         if top is not None and default is not None and default > top:
             raise ConfigError(f"the default output cap {default} is above the maximum {top}")
+        if self.min_free is not None:
+            self.min_free.validate()
         return self
 
 

@@ -9,6 +9,8 @@ when the job ends; readers of the job's output subscribe to its end here.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import Iterator
 
 import anyio
@@ -20,6 +22,8 @@ from jobworker.worker.runner import RunningJob
 from jobworker.worker.store import JobStore
 
 __all__ = ["JobTable"]
+
+log = logging.getLogger(__name__)
 
 
 class JobTable:
@@ -58,20 +62,29 @@ class JobTable:
         self._ends[job.id] = anyio.Event()
         self._end_waiters.setdefault(job.id, set())
 
-    def update(self, status: JobStatus) -> None:
-        """A change to a job's record, such as a stop request."""
-        self._store.update(status)
+    def update(self, status: JobStatus) -> bool:
+        """A change to a job's record, such as a stop request; False if it could not be
+        written to the store (the disk is full): it holds in memory, and a later server
+        finds the job as it was last written."""
         self._records[status.id] = status
+        try:
+            self._store.update(status)
+        except sqlite3.Error as exc:
+            log.error("job %s: its record could not be saved: %s", status.id, exc)
+            return False
+        return True
 
-    def finish(self, final: JobStatus) -> None:
-        """A job has ended: record its final status and tell everyone waiting."""
-        self.update(final)
+    def finish(self, final: JobStatus) -> bool:
+        """A job has ended: record its final status and tell everyone waiting. False if the
+        record could not be saved."""
+        saved = self.update(final)
         self._running.pop(final.id, None)
         event = self._ends.pop(final.id, None)
         if event is not None:
             event.set()
         for waiter in self._end_waiters.pop(final.id, set()):
             waiter.set()
+        return saved
 
     # Lookups.
 

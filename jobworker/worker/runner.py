@@ -97,7 +97,7 @@ class RunningJob:
         exit_file: Path,
         watcher: FileWatcher,
         monitor: Monitor | None,
-        on_stop: Callable[[JobStatus], None],
+        on_stop: Callable[[JobStatus], object],
     ) -> None:
         self.status = status
         self.cgroup = cgroup

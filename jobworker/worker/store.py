@@ -13,6 +13,12 @@ to the WAL file with ``write()`` before the call returns, so it survives the ser
 killed at any point (SIGKILL included) and a clean reboot. The WAL is fsync'd at each
 checkpoint (every 1,000 pages by default) and when the database is closed; a power cut can
 lose the commits since the last checkpoint, never corrupt the database.
+
+A full disk: SQLite then fails a commit (``SQLITE_FULL``) and rolls it back; the database
+stays intact. So that the end of a job can still be recorded when a job has filled the disk,
+the store keeps a small reserve file beside the database (``jobs.db-reserve``), created when
+the store opens and there is room. A change to a record that fails for want of space removes
+the reserve and is tried once more.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from jobworker.models import JobState, JobStatus, Limits, Network, Usage
 __all__ = ["JobStore", "status_from_json", "status_to_json"]
 
 _SCHEMA_VERSION: Final = 1
+_RESERVE_BYTES: Final = 256 * 1024
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,6 +55,7 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.reserve = path.with_name(path.name + "-reserve")
         self._db: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -74,6 +82,20 @@ class JobStore:
             db.close()
             raise
         self._db = db
+        self._make_reserve()
+
+    def _make_reserve(self) -> None:
+        """Set aside the space that recording the end of jobs may need on a full disk."""
+        try:
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+        except OSError:
+            self.reserve.unlink(missing_ok=True)  # no room now; the next start tries again
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         if self._db is not None:
@@ -102,11 +124,19 @@ class JobStore:
         )
 
     def update(self, status: JobStatus) -> None:
-        """Replace a job's record (committed when this returns)."""
-        self._conn.execute(
+        """Replace a job's record (committed when this returns), using the reserve if the
+        disk is full."""
+        change = (
             "UPDATE jobs SET state = ?, status = ? WHERE id = ?",
             (status.state.value, status_to_json(status), status.id),
         )
+        try:
+            self._conn.execute(*change)
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or not self.reserve.exists():
+                raise
+            self.reserve.unlink()
+            self._conn.execute(*change)
 
     def remove(self, job_id: str) -> None:
         self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))

@@ -9,9 +9,12 @@ with`` stops every running job (SIGTERM, grace, cgroup.kill), waits until each j
 is empty and removed, and then removes the worker's own cgroup directories; with
 ``on_exit=KEEP`` it leaves them running for the next worker instead.
 
-The worker watches each running job's log (one task per job, woken by inotify): a job with
-an output cap has the middle of its log dropped as it grows (``holes.py``), so its disk use
-stays within the cap while the job writes as fast as it likes.
+The worker watches the log of each running job that has an output cap (one task per job,
+woken by inotify) and drops the middle of it as it grows (``holes.py``), so its disk use
+stays within the cap while the job writes as fast as it likes. A job is marked
+``output_lost`` when the data directory's filesystem is found full while it runs (on its
+log's events, a status query, or its end), since some of its writes may then have failed.
+New jobs are refused while less than ``min_free`` is free there.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from jobworker.errors import (
     JobworkerError,
     LimitNotEnforceable,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
     WorkerClosed,
 )
@@ -52,7 +56,7 @@ from jobworker.models import (
 from jobworker.worker.accounts import Account, UidPool, host_account
 from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
 from jobworker.worker.config import OnExit, WorkerConfig
-from jobworker.worker.holes import OutputCap, dropped_bytes
+from jobworker.worker.holes import ALIGN, OutputCap, dropped_bytes
 from jobworker.worker.lock import exclusive
 from jobworker.worker.logs import OutputStream, create_log
 from jobworker.worker.notify import FileWatcher, Wakeup
@@ -73,6 +77,10 @@ from jobworker.worker.workdir import WorkDirs
 __all__ = ["Worker"]
 
 log = logging.getLogger(__name__)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 class Worker:
@@ -109,6 +117,8 @@ class Worker:
         self._spawning = 0
         # The output caps of running jobs that have one, by job id.
         self._caps: dict[str, OutputCap] = {}
+        # Running jobs that wrote while the data directory's filesystem was full.
+        self._lost: set[str] = set()
         self._reaper = OrphanReaper(self.owns_child) if config.reap_orphans else None
 
     # Lifecycle.
@@ -261,6 +271,7 @@ class Worker:
         if self._closing or self._task_group is None:
             raise WorkerClosed("the worker is shutting down and starts no new jobs")
         spec.validate()
+        self._check_free_space()
         limits = self._effective_limits(spec.limits)
         max_output = self._effective_max_output(spec.max_output)
         unenforced = frozenset(limits.items()) - self._enforceable
@@ -407,8 +418,9 @@ class Worker:
             if self._reaper is not None:
                 # The reaper stops at a job's zombie; orphans behind it are reaped now.
                 self._reaper.reap()
-        self._table.finish(self._final_output(final))
-        job.exit_file.unlink(missing_ok=True)
+        if self._table.finish(self._final_output(final)):
+            # Else a later server needs the exit file to record the job's end.
+            job.exit_file.unlink(missing_ok=True)
         if not final.user:
             # No process of the job is left: its uid may serve another job, which must not
             # find this job's files.
@@ -448,10 +460,11 @@ class Worker:
             log.error("job %s: its output cannot be capped: %s", status.id, exc)
             return
         self._caps[status.id] = cap
-        self._task_group.start_soon(self._cap_output, status.id, cap)
+        self._task_group.start_soon(self._follow_log, status.id, cap)
 
-    async def _cap_output(self, job_id: str, cap: OutputCap) -> None:
-        """Trim the job's log whenever inotify says it grew, until the job has ended."""
+    async def _follow_log(self, job_id: str, cap: OutputCap) -> None:
+        """Whenever inotify says the job's log grew, until the job has ended: trim it to its
+        cap, and note whether the disk is full."""
         waiter = Wakeup()
         waiters = self._table.end_waiters(job_id)
         waiters.add(waiter)
@@ -460,15 +473,41 @@ class Worker:
                 while not self._table.is_ended(job_id):
                     waiter.clear()
                     cap.trim()
+                    if self._disk_full():
+                        self._lost.add(job_id)
                     await waiter.wait()
         except OSError as exc:
             # A file system without hole punching, or the log is gone: the job runs on.
-            log.error("job %s: its output is no longer capped: %s", job_id, exc)
+            log.error("job %s: its output is no longer watched: %s", job_id, exc)
         finally:
             waiters.discard(waiter)
             if self._caps.get(job_id) is cap:
                 del self._caps[job_id]
             cap.close()
+
+    def _free_space(self) -> tuple[int, int]:
+        """(bytes free to the worker, total bytes) of the data directory's filesystem."""
+        fs = os.statvfs(self.config.data_dir)
+        return fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+
+    def _disk_full(self) -> bool:
+        """Whether a write to the data directory's filesystem may fail for want of space."""
+        return self._free_space()[0] < ALIGN
+
+    def _check_free_space(self) -> None:
+        """Refuse a new job while less than the configured minimum is free."""
+        minimum = self.config.min_free
+        if minimum is None:
+            return
+        free, total = self._free_space()
+        need = minimum.bytes_of(total)
+        if free < need:
+            raise ResourceExhausted(
+                f"the server's disk is nearly full: {_mib(free)} free, less than the "
+                f"{_mib(need)} it keeps free for running jobs (serve --min-free "
+                f"{minimum}); no new job starts until space is freed, for example by "
+                "removing ended jobs"
+            )
 
     def _with_output(self, status: JobStatus) -> JobStatus:
         """A running job's status with its output counted now."""
@@ -480,12 +519,18 @@ class Worker:
             return status
         cap = self._caps.get(status.id)
         dropped = cap.dropped_to - cap.head if cap is not None else status.output_dropped
-        return replace(status, output_bytes=size, output_dropped=dropped)
+        if self._disk_full():
+            self._lost.add(status.id)
+        lost = status.output_lost or status.id in self._lost
+        return replace(status, output_bytes=size, output_dropped=dropped, output_lost=lost)
 
     def _final_output(self, final: JobStatus) -> JobStatus:
         """An ended job's status with its output's final size and dropped bytes, once the
         last trim has run (no process of the job is left to write)."""
         cap = self._caps.get(final.id)
+        if final.id in self._lost or self._disk_full():
+            final = replace(final, output_lost=True)
+        self._lost.discard(final.id)
         try:
             if cap is not None:
                 cap.trim()
