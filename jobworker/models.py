@@ -38,6 +38,7 @@ __all__ = [
     "format_size",
     "new_job_id",
     "parse_cpus",
+    "parse_duration",
     "parse_job_id",
     "parse_size",
 ]
@@ -303,6 +304,18 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size: use a number with an optional k, M, G or T")
     value = Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
     return int(value)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``30s``, ``10m``, ``2h`` or ``7d``."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: use a number with an optional s, m, h or d")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def parse_cpus(text: str) -> int:

@@ -240,11 +240,15 @@ ALLOWED = {
     (Role.ADMIN, Rpc.GET_JOB_STATUS): True,
     (Role.ADMIN, Rpc.LIST_JOBS): True,
     (Role.ADMIN, Rpc.STREAM_JOB_OUTPUT): True,
+    (Role.ADMIN, Rpc.REMOVE_JOB): True,
+    (Role.ADMIN, Rpc.PRUNE_JOBS): True,
     (Role.USER, Rpc.START_JOB): True,
     (Role.USER, Rpc.STOP_JOB): False,
     (Role.USER, Rpc.GET_JOB_STATUS): True,
     (Role.USER, Rpc.LIST_JOBS): True,
     (Role.USER, Rpc.STREAM_JOB_OUTPUT): True,
+    (Role.USER, Rpc.REMOVE_JOB): True,
+    (Role.USER, Rpc.PRUNE_JOBS): True,
 }
 
 
@@ -256,6 +260,8 @@ def test_the_table_covers_every_role_and_rpc() -> None:
         "GetJobStatus",
         "ListJobs",
         "StreamJobOutput",
+        "RemoveJob",
+        "PruneJobs",
     }
 
 

@@ -11,7 +11,10 @@ what its row names, so a new RPC is refused to every role until it is added here
 ``GetJobStatus``             yes         yes
 ``ListJobs``                 yes         yes
 ``StreamJobOutput``          yes         yes
-sees (status, list, stream)  all jobs    own jobs
+``RemoveJob``                yes         yes
+``PruneJobs``                yes         yes
+sees (status, list, stream,  all jobs    own jobs
+remove, prune)
 ``StartJob`` with ``user``   yes         no
 ===========================  ==========  ==========
 
@@ -71,6 +74,8 @@ class Rpc(enum.StrEnum):
     GET_JOB_STATUS = "GetJobStatus"
     LIST_JOBS = "ListJobs"
     STREAM_JOB_OUTPUT = "StreamJobOutput"
+    REMOVE_JOB = "RemoveJob"
+    PRUNE_JOBS = "PruneJobs"
 
 
 class Scope(enum.Enum):
@@ -92,13 +97,30 @@ class Grant:
 GRANTS: Final[Mapping[Role, Grant]] = {
     Role.ADMIN: Grant(
         rpcs=frozenset(
-            {Rpc.START_JOB, Rpc.STOP_JOB, Rpc.GET_JOB_STATUS, Rpc.LIST_JOBS, Rpc.STREAM_JOB_OUTPUT}
+            {
+                Rpc.START_JOB,
+                Rpc.STOP_JOB,
+                Rpc.GET_JOB_STATUS,
+                Rpc.LIST_JOBS,
+                Rpc.STREAM_JOB_OUTPUT,
+                Rpc.REMOVE_JOB,
+                Rpc.PRUNE_JOBS,
+            }
         ),
         sees=Scope.ALL,
         run_as_account=True,
     ),
     Role.USER: Grant(
-        rpcs=frozenset({Rpc.START_JOB, Rpc.GET_JOB_STATUS, Rpc.LIST_JOBS, Rpc.STREAM_JOB_OUTPUT}),
+        rpcs=frozenset(
+            {
+                Rpc.START_JOB,
+                Rpc.GET_JOB_STATUS,
+                Rpc.LIST_JOBS,
+                Rpc.STREAM_JOB_OUTPUT,
+                Rpc.REMOVE_JOB,
+                Rpc.PRUNE_JOBS,
+            }
+        ),
         sees=Scope.OWN,
         run_as_account=False,
     ),

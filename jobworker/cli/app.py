@@ -39,6 +39,7 @@ from jobworker.models import (
     Network,
     OutputChunk,
     parse_cpus,
+    parse_duration,
     parse_size,
 )
 
@@ -425,6 +426,46 @@ def status(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> No
     _print_status(with_client(ctx, go), json_output)
 
 
+@app.command("rm")
+def remove(
+    ctx: typer.Context,
+    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", show_default=False)],
+) -> None:
+    """Remove ended jobs: their records, output and working directories."""
+
+    async def go(client: Client) -> None:
+        for text in job_ids:
+            removed = await client.remove(await _job_id(client, text))
+            typer.echo(removed.id)
+
+    with_client(ctx, go)
+
+
+@app.command()
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            metavar="DURATION",
+            help="Only jobs that ended this long ago, e.g. 30m, 12h, 7d [default: all].",
+        ),
+    ] = None,
+) -> None:
+    """Remove every ended job you may see (or those that ended --older-than ago)."""
+    seconds = _duration("--older-than", older_than)
+    for job_id in with_client(ctx, lambda client: client.prune(seconds)):
+        typer.echo(job_id)
+
+
+def _duration(option: str, text: str | None) -> float | None:
+    try:
+        return None if text is None else parse_duration(text)
+    except ValueError as exc:
+        _fail(f"{option}: {exc}")
+
+
 @app.command("list")
 def list_jobs(
     ctx: typer.Context,
@@ -732,6 +773,23 @@ def serve_command(
             help="Highest output cap a job may ask for.",
         ),
     ] = None,
+    retain_for: Annotated[
+        str | None,
+        typer.Option(
+            envvar="JOBWORKER_RETAIN_FOR",
+            metavar="DURATION",
+            help="Remove ended jobs this long after they end, e.g. 7d [default: keep].",
+        ),
+    ] = None,
+    retain_jobs: Annotated[
+        int | None,
+        typer.Option(
+            envvar="JOBWORKER_RETAIN_JOBS",
+            metavar="N",
+            min=0,
+            help="Keep only the newest N ended jobs [default: all].",
+        ),
+    ] = None,
     min_free: Annotated[
         str | None,
         typer.Option(
@@ -777,6 +835,8 @@ def serve_command(
             default_max_output=_size("--default-max-output", default_max_output),
             max_max_output=_size("--max-max-output", max_max_output),
             min_free=MinFree.parse(min_free) if min_free is not None else None,
+            retain_for=_duration("--retain-for", retain_for),
+            retain_jobs=retain_jobs,
         ).validate()
     except JobworkerError as exc:
         _fail(exc.message)

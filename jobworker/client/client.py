@@ -241,6 +241,31 @@ class Client:
         call = self.stub.stop_job(pb.StopJobRequest(job_id=job_id), timeout=seconds)
         return _status((await self._call(call, seconds)).status)
 
+    async def remove(
+        self,
+        job_id: str,
+        *,
+        timeout: Timeout = _CLIENT_TIMEOUT,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> JobStatus:
+        """Remove an ended job (record, output, working directory); returns its final status.
+        A running job raises :class:`FailedPrecondition`."""
+        seconds = self._seconds(timeout)
+        call = self.stub.remove_job(pb.RemoveJobRequest(job_id=job_id), timeout=seconds)
+        return _status((await self._call(call, seconds)).status)
+
+    async def prune(
+        self,
+        older_than: float | None = None,
+        *,
+        timeout: Timeout = _CLIENT_TIMEOUT,  # noqa: ASYNC109 - a gRPC deadline
+    ) -> list[str]:
+        """Remove the ended jobs the caller may see that ended at least ``older_than``
+        seconds ago (``None``: all of them); returns their ids, oldest first."""
+        seconds = self._seconds(timeout)
+        request = pb.PruneJobsRequest(older_than_seconds=older_than)
+        response = await self._call(self.stub.prune_jobs(request, timeout=seconds), seconds)
+        return list(response.job_ids)
+
     async def status(
         self,
         job_id: str,

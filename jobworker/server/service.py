@@ -34,7 +34,14 @@ from jobworker.auth import (
     current_identity,
     may_run_as_account,
 )
-from jobworker.errors import DataLoss, InvalidOffset, JobNotFound, PermissionDenied, Unavailable
+from jobworker.errors import (
+    DataLoss,
+    InvalidArgument,
+    InvalidOffset,
+    JobNotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from jobworker.server.errors import to_grpc_error
 from jobworker.worker import JobStatus, Worker, parse_job_id
 
@@ -176,6 +183,21 @@ class WorkerService(pb.WorkerBase):
                     f"the output of job {parse_job_id(request.job_id)} is no longer on the "
                     "server (its log file was removed)"
                 ) from None
+
+    async def remove_job(self, message: pb.RemoveJobRequest) -> pb.RemoveJobResponse:
+        with self._call(Rpc.REMOVE_JOB, message.job_id) as call:
+            self._visible(call.identity, message.job_id)
+            status = self._worker.remove(message.job_id)
+        return pb.RemoveJobResponse(status=status_to_proto(status))
+
+    async def prune_jobs(self, message: pb.PruneJobsRequest) -> pb.PruneJobsResponse:
+        with self._call(Rpc.PRUNE_JOBS) as call:
+            older_than = message.older_than_seconds
+            if older_than is not None and not 0 <= older_than < float("inf"):
+                raise InvalidArgument(f"older_than_seconds must be 0 or more, not {older_than}")
+            identity = call.identity
+            removed = self._worker.prune(older_than, owned=lambda owner: can_see(identity, owner))
+        return pb.PruneJobsResponse(job_ids=removed)
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, Any] = super().__mapping__()

@@ -89,6 +89,9 @@ class WorkerConfig:
     ``max_max_output`` the largest a job may ask for (``None``: no default cap, no maximum);
     past its cap a job's log keeps its head and its tail (see ``worker/holes.py``).
     ``min_free`` is the free space below which new jobs are refused (``None``: no minimum).
+
+    Retention of ended jobs (their records, logs and working directories): ``retain_for``
+    seconds after its end, and only the newest ``retain_jobs`` ended jobs (``None``: keep).
     """
 
     data_dir: Path
@@ -107,6 +110,8 @@ class WorkerConfig:
     default_max_output: int | None = None
     max_max_output: int | None = None
     min_free: MinFree | None = None
+    retain_for: float | None = None
+    retain_jobs: int | None = None
 
     def validate(self) -> WorkerConfig:
         if not 1 <= self.chunk_size <= 4 * 1024 * 1024:
@@ -129,6 +134,10 @@ class WorkerConfig:
             raise ConfigError(f"the default output cap {default} is above the maximum {top}")
         if self.min_free is not None:
             self.min_free.validate()
+        if self.retain_for is not None and not 0 <= self.retain_for < float("inf"):
+            raise ConfigError(f"retain-for must be a duration of 0 or more, not {self.retain_for}")
+        if self.retain_jobs is not None and self.retain_jobs < 0:
+            raise ConfigError(f"retain-jobs must be 0 or more, not {self.retain_jobs}")
         return self
 
 

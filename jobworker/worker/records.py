@@ -86,6 +86,11 @@ class JobTable:
             waiter.set()
         return saved
 
+    def remove(self, job_id: str) -> None:
+        """Forget an ended job (removed from the store first)."""
+        self._store.remove(job_id)
+        del self._records[job_id]
+
     # Lookups.
 
     def record(self, job_id: str) -> JobStatus:

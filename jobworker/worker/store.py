@@ -139,6 +139,7 @@ class JobStore:
             self._conn.execute(*change)
 
     def remove(self, job_id: str) -> None:
+        """Delete a job's record (committed when this returns)."""
         self._conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def load(self) -> list[JobStatus]:

@@ -15,15 +15,21 @@ stays within the cap while the job writes as fast as it likes. A job is marked
 ``output_lost`` when the data directory's filesystem is found full while it runs (on its
 log's events, a status query, or its end), since some of its writes may then have failed.
 New jobs are refused while less than ``min_free`` is free there.
+
+Ended jobs are removed (record, log, exit file, working directory) by :meth:`Worker.remove`
+and :meth:`Worker.prune`, and by the worker itself past ``retain_for`` or ``retain_jobs``:
+one task prunes whenever a job ends and when the oldest ended job's time is up.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
+import math
 import os
 import signal
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -34,6 +40,7 @@ import anyio
 import anyio.abc
 
 from jobworker.errors import (
+    FailedPrecondition,
     InvalidLimits,
     JobworkerError,
     LimitNotEnforceable,
@@ -119,6 +126,9 @@ class Worker:
         self._caps: dict[str, OutputCap] = {}
         # Running jobs that wrote while the data directory's filesystem was full.
         self._lost: set[str] = set()
+        # Set when a job ends: the retention task looks again. Cancelled on leaving.
+        self._ended = anyio.Event()
+        self._retention = anyio.CancelScope()
         self._reaper = OrphanReaper(self.owns_child) if config.reap_orphans else None
 
     # Lifecycle.
@@ -144,6 +154,8 @@ class Worker:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._on_exit)
             await self._recover()
+            if self.config.retain_for is not None or self.config.retain_jobs is not None:
+                self._task_group.start_soon(self._retain)
             self._io_device = self.config.io_device or block_device_of(data)
             self._enforceable = frozenset(
                 name
@@ -226,6 +238,7 @@ class Worker:
 
     async def _on_exit(self) -> None:
         assert self._task_group is not None
+        self._retention.cancel()
         with anyio.CancelScope(shield=True):
             if self.config.on_exit is OnExit.KEEP:
                 jobs = list(self._table.running_jobs())
@@ -418,6 +431,7 @@ class Worker:
             if self._reaper is not None:
                 # The reaper stops at a job's zombie; orphans behind it are reaped now.
                 self._reaper.reap()
+        self._ended.set()
         if self._table.finish(self._final_output(final)):
             # Else a later server needs the exit file to record the job's end.
             job.exit_file.unlink(missing_ok=True)
@@ -613,6 +627,72 @@ class Worker:
             return status
         job.request_stop(self._task_group, self.config.stop_grace, by or "the worker")
         return await self._table.wait_end(status.id)
+
+    def remove(self, job_id: str) -> JobStatus:
+        """Remove an ended job: its record, log, exit file and working directory. Returns
+        its final status. A reader still open on its output reads on to the end."""
+        status = self._table.record(job_id)
+        if not self._table.is_ended(status.id):
+            raise FailedPrecondition(
+                f"job {status.id} is still running: stop it first (jobworker stop {status.id}), "
+                "then remove it"
+            )
+        self._table.remove(status.id)
+        self._forget_files(status.id)
+        log.info("job %s of %r removed", status.id, status.owner)
+        return status
+
+    def prune(
+        self,
+        older_than: float | None = None,
+        keep: int | None = None,
+        owned: Callable[[str], bool] | None = None,
+    ) -> builtins.list[str]:
+        """Remove the ended jobs that ended at least ``older_than`` seconds ago (``None``:
+        any), and all but the newest ``keep`` ended jobs; only those whose owner ``owned``
+        accepts. Returns the ids removed, oldest first."""
+        now = datetime.now(UTC)
+        ended = [
+            s
+            for s in self._table.all()
+            if s.state.is_final and s.ended_at is not None and (owned is None or owned(s.owner))
+        ]
+        ended.sort(key=lambda s: s.ended_at or now)
+        chosen: set[str] = set()
+        if older_than is not None or keep is None:
+            limit = older_than or 0.0
+            chosen |= {
+                s.id for s in ended if s.ended_at and (now - s.ended_at).total_seconds() >= limit
+            }
+        if keep is not None:
+            chosen |= {s.id for s in ended[: max(len(ended) - keep, 0)]}
+        removed = [s.id for s in ended if s.id in chosen]
+        for job_id in removed:
+            self.remove(job_id)
+        return removed
+
+    async def _retain(self) -> None:
+        """Prune by the configured age and count whenever a job ends, and when the oldest
+        ended job's time is up."""
+        retain_for, retain_jobs = self.config.retain_for, self.config.retain_jobs
+        with self._retention:
+            await self._retain_loop(retain_for, retain_jobs)
+
+    async def _retain_loop(self, retain_for: float | None, retain_jobs: int | None) -> None:
+        while True:
+            self._ended = anyio.Event()
+            try:
+                self.prune(retain_for, retain_jobs)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("pruning ended jobs failed: %s", exc)
+            wait = math.inf
+            if retain_for is not None:
+                ends = [s.ended_at for s in self._table.all() if s.ended_at is not None]
+                if ends:
+                    age = (datetime.now(UTC) - min(ends)).total_seconds()
+                    wait = max(retain_for - age, 0.0) + 0.01
+            with anyio.move_on_after(wait):
+                await self._ended.wait()
 
     def output(self, job_id: str, offset: int = 0) -> OutputStream:
         """The job's output from ``offset``, following it live until the job ends."""

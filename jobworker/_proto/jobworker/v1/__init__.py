@@ -13,6 +13,10 @@ __all__ = (
     "ListJobsRequest",
     "ListJobsResponse",
     "OutputChunk",
+    "PruneJobsRequest",
+    "PruneJobsResponse",
+    "RemoveJobRequest",
+    "RemoveJobResponse",
     "StartJobRequest",
     "StartJobResponse",
     "StopJobRequest",
@@ -413,6 +417,52 @@ default_message_pool.register_message("jobworker.v1", "OutputChunk", OutputChunk
 
 
 @dataclass(eq=False, repr=False)
+class PruneJobsRequest(betterproto2.Message):
+    older_than_seconds: "float | None" = betterproto2.field(
+        1, betterproto2.TYPE_DOUBLE, optional=True
+    )
+    """
+    Only jobs that ended at least this many seconds ago; unset: every ended job.
+    """
+
+
+default_message_pool.register_message("jobworker.v1", "PruneJobsRequest", PruneJobsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class PruneJobsResponse(betterproto2.Message):
+    job_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Ids of the jobs removed, oldest first.
+    """
+
+
+default_message_pool.register_message("jobworker.v1", "PruneJobsResponse", PruneJobsResponse)
+
+
+@dataclass(eq=False, repr=False)
+class RemoveJobRequest(betterproto2.Message):
+    job_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    Id of the job to remove (a canonical UUID).
+    """
+
+
+default_message_pool.register_message("jobworker.v1", "RemoveJobRequest", RemoveJobRequest)
+
+
+@dataclass(eq=False, repr=False)
+class RemoveJobResponse(betterproto2.Message):
+    status: "JobStatus | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
+    """
+    The job's final status, as it was when it was removed.
+    """
+
+
+default_message_pool.register_message("jobworker.v1", "RemoveJobResponse", RemoveJobResponse)
+
+
+@dataclass(eq=False, repr=False)
 class StartJobRequest(betterproto2.Message):
     program: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
@@ -697,6 +747,51 @@ class WorkerStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def remove_job(
+        self,
+        message: "RemoveJobRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "RemoveJobResponse":
+        """
+        Remove an ended job: its record, its output and its working directory. A job that is
+        still running is FAILED_PRECONDITION (stop it first). A stream open on the job reads
+        what it has not read yet and ends as usual.
+        """
+
+        return await self._unary_unary(
+            "/jobworker.v1.Worker/RemoveJob",
+            message,
+            RemoveJobResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
+    async def prune_jobs(
+        self,
+        message: "PruneJobsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "PruneJobsResponse":
+        """
+        Remove every ended job the caller may see (a user: its own; an admin: all) that ended
+        more than `older_than_seconds` ago, or all of them when it is unset.
+        """
+
+        return await self._unary_unary(
+            "/jobworker.v1.Worker/PruneJobs",
+            message,
+            PruneJobsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 from ...google import protobuf as __google__protobuf__
 
@@ -750,6 +845,23 @@ class WorkerBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield OutputChunk()
 
+    async def remove_job(self, message: "RemoveJobRequest") -> "RemoveJobResponse":
+        """
+        Remove an ended job: its record, its output and its working directory. A job that is
+        still running is FAILED_PRECONDITION (stop it first). A stream open on the job reads
+        what it has not read yet and ends as usual.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def prune_jobs(self, message: "PruneJobsRequest") -> "PruneJobsResponse":
+        """
+        Remove every ended job the caller may see (a user: its own; an admin: all) that ended
+        more than `older_than_seconds` ago, or all of them when it is unset.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_start_job(
         self, stream: "grpclib.server.Stream[StartJobRequest, StartJobResponse]"
     ) -> None:
@@ -793,6 +905,22 @@ class WorkerBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_remove_job(
+        self, stream: "grpclib.server.Stream[RemoveJobRequest, RemoveJobResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.remove_job(request)
+        await stream.send_message(response)
+
+    async def __rpc_prune_jobs(
+        self, stream: "grpclib.server.Stream[PruneJobsRequest, PruneJobsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.prune_jobs(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/jobworker.v1.Worker/StartJob": grpclib.const.Handler(
@@ -824,5 +952,17 @@ class WorkerBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 StreamJobOutputRequest,
                 OutputChunk,
+            ),
+            "/jobworker.v1.Worker/RemoveJob": grpclib.const.Handler(
+                self.__rpc_remove_job,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                RemoveJobRequest,
+                RemoveJobResponse,
+            ),
+            "/jobworker.v1.Worker/PruneJobs": grpclib.const.Handler(
+                self.__rpc_prune_jobs,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                PruneJobsRequest,
+                PruneJobsResponse,
             ),
         }
