@@ -8,14 +8,17 @@ the fast writer write 4 GiB instead of 512 MiB.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 from helpers import JOB_PYTHON
 
 from jobworker.errors import InvalidLimits
 from jobworker.worker import JobSpec, JobState, JobStatus, Worker, WorkerConfig
+from jobworker.worker.config import OnExit
 
 pytestmark = pytest.mark.anyio
 
@@ -152,3 +155,52 @@ async def test_a_cap_below_one_mebibyte_is_refused(worker: Worker) -> None:
     with pytest.raises(InvalidLimits, match="max_output must be an integer from 1048576"):
         await worker.start(JobSpec("true", owner="a", max_output=MiB - 1))
     assert worker.list() == []
+
+
+async def test_a_later_worker_goes_on_trimming_an_adopted_job(
+    config: WorkerConfig, readable_dir: Path
+) -> None:
+    go = readable_dir / "go"
+    # 6 MiB, then (once the test says so) 6 MiB more, all of one pattern.
+    script = WRITER.replace(
+        "for base in range(0, total, 1 << 20):",
+        f"import pathlib, time\n"
+        f"for base in range(0, total, 1 << 20):\n"
+        f"    while base == total // 2 and not pathlib.Path({str(go)!r}).exists():\n"
+        f"        time.sleep(0.01)",
+    )
+    total, cap = 12 * MiB, 2 * MiB
+    async with Worker(replace(config, on_exit=OnExit.KEEP)) as worker:
+        spec = JobSpec(JOB_PYTHON, ("-c", script, str(total)), owner="a", max_output=cap)
+        job_id = (await worker.start(spec)).id
+        async with worker.output(job_id) as stream:
+            async for chunk in stream:
+                if chunk.end >= total // 2:
+                    break
+        first_drop = worker.status(job_id).output_dropped
+        assert first_drop > 0
+    try:
+        await _finish_adopted(config, go, job_id, total, cap, first_drop)
+    finally:
+        # Created by the first worker, so the second one leaves it: the test removes it.
+        assert config.cgroup_root is not None
+        with contextlib.suppress(FileNotFoundError):
+            config.cgroup_root.rmdir()
+
+
+async def _finish_adopted(
+    config: WorkerConfig, go: Path, job_id: str, total: int, cap: int, first_drop: int
+) -> None:
+    async with Worker(config) as worker:
+        go.touch()
+        live = await follow(worker, job_id)
+        assert live.end == total
+        after = await follow(worker, job_id)
+        final = worker.status(job_id)
+        assert (final.state, final.output_bytes) == (JobState.COMPLETED, total)
+        assert final.output_dropped > first_drop, "the new worker dropped more"
+        head, resume = MiB, MiB + final.output_dropped
+        assert after.data == [(0, head), (resume, total)]
+        assert after.gaps == [(head, resume)]
+        log = config.data_dir / "logs" / f"{job_id}.log"
+        assert log.stat().st_blocks * 512 <= cap + config.chunk_size

@@ -73,6 +73,9 @@ def test_stream_prints_head_one_gap_line_and_tail_and_status_counts(cli: Cli) ->
         f"jobworker: bytes {MiB}..{resume} of the output were dropped "
         "(the job's output cap keeps its head and tail)"
     ]
+    for args in (("logs", job_id), ("logs", "--follow", job_id)):
+        printed = cli(*args)
+        assert (printed.stdout, printed.stderr) == (streamed.stdout, streamed.stderr), args
     shown = cli("status", job_id).stdout.decode()
     assert f"output:     {total} bytes written, {resume - MiB} dropped (cap 2M)" in shown
 

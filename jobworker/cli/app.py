@@ -503,14 +503,18 @@ def _gap_line(chunk: OutputChunk) -> None:
     )
 
 
+async def _copy_rest(output: OutputReader) -> None:
+    """Copy the output to stdout until the job ends; each gap is one line on stderr."""
+    while (chunk := await output.next_chunk()) is not None:
+        if chunk.dropped:
+            _gap_line(chunk)
+        else:
+            _write(chunk.data)
+
+
 async def _copy_output(client: Client, job_id: str, offset: int) -> None:
     async with client.output(job_id, offset) as output:
-        while (chunk := await output.next_chunk()) is not None:
-            if chunk.dropped:
-                sys.stdout.buffer.flush()
-                _gap_line(chunk)
-            else:
-                _write(chunk.data)
+        await _copy_rest(output)
 
 
 @app.command()
@@ -572,8 +576,7 @@ def logs(
                     lines.append(pending)
                 _write(b"".join(list(lines)[-tail:] if tail else []))
             if follow:
-                async for data in output:
-                    _write(data)
+                await _copy_rest(output)
 
     with_client(ctx, go)
 
