@@ -102,6 +102,7 @@ async def test_admin_can_call_every_rpc(connect: Callable[[str], Client]) -> Non
         stopped = await admin.stop(started.id)
         assert stopped.state is JobState.STOPPED
         assert stopped.signal == signal.SIGTERM
+        assert stopped.stopped_by == "admin", "the record says who stopped it"
         assert await read_output(admin, started.id) == b"hello\n"
 
 

@@ -45,6 +45,7 @@ from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
 from jobworker.server.tuning import raise_open_file_limit, tune_malloc
 from jobworker.worker import Worker, WorkerConfig
+from jobworker.worker.config import OnExit
 from jobworker.worker.reaper import set_child_subreaper
 
 __all__ = ["JobworkerServer", "ServerConfig", "parse_listen", "serve"]
@@ -192,6 +193,11 @@ async def serve(config: ServerConfig) -> None:
             return
         if os.getpid() == 1:
             log.info("running as PID 1: reaping orphaned processes")
+            if config.worker.on_exit is OnExit.KEEP:
+                log.warning(
+                    "on-exit keep cannot keep jobs here: when PID 1 exits, the kernel ends "
+                    "every process of its PID namespace (docs/deploy.md)"
+                )
         async with anyio.create_task_group() as task_group:
             async with JobworkerServer(config):
                 async for signum in signals:

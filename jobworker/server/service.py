@@ -131,7 +131,7 @@ class WorkerService(pb.WorkerBase):
     async def stop_job(self, message: pb.StopJobRequest) -> pb.StopJobResponse:
         with self._call(Rpc.STOP_JOB, message.job_id) as call:
             self._visible(call.identity, message.job_id)
-            status = await self._worker.stop(message.job_id)
+            status = await self._worker.stop(message.job_id, by=call.identity.name)
         return pb.StopJobResponse(status=status_to_proto(status))
 
     async def get_job_status(self, message: pb.GetJobStatusRequest) -> pb.GetJobStatusResponse:
