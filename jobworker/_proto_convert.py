@@ -180,13 +180,14 @@ def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
     )
 
 
-def spec_from_proto(request: pb.StartJobRequest, owner: str) -> JobSpec:
+def spec_from_proto(request: pb.StartJobRequest, owner: str, owner_role: str = "") -> JobSpec:
     """The job spec a start request asks for, on behalf of ``owner``. Not validated here."""
     return JobSpec(
         program=request.program,
         args=tuple(request.args),
         limits=limits_from_proto(request.limits),
         owner=owner,
+        owner_role=owner_role,
         env=dict(request.env),
         cwd=request.cwd,
         user=request.user,
@@ -229,6 +230,7 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         uid=status.uid,
         network=network_to_proto(status.network),
         stopped_by=status.stopped_by,
+        owner_role=status.owner_role,
     )
 
 
@@ -261,6 +263,7 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
         uid=status.uid,
         network=network_from_proto(status.network) or Network.HOST,
         stopped_by=status.stopped_by,
+        owner_role=status.owner_role,
     )
 
 

@@ -183,6 +183,7 @@ class JobSpec:
     cwd: str | None = None
     user: str | None = None
     network: Network | None = None
+    owner_role: str = ""  # the role of the certificate that started it ("" in the library)
 
     def validate(self) -> JobSpec:
         """Raise :class:`InvalidCommand` or :class:`InvalidLimits` for a malformed spec."""
@@ -251,6 +252,7 @@ class JobStatus:
     uid: int = 0
     network: Network = Network.HOST
     stopped_by: str = ""  # who asked for the stop that ended it (state STOPPED)
+    owner_role: str = ""  # the role of the owner's certificate: a job belongs to name and role
 
 
 @dataclass(frozen=True)

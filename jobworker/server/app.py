@@ -115,7 +115,7 @@ class JobworkerServer:
             # Listen only once the worker is ready: a connection that succeeds is served.
             sock = _listening_socket(self.config.host, self.config.port)
             stack.callback(sock.close)
-            self._service = WorkerService(worker)
+            self._service = WorkerService(worker, self.config.limits)
             servables: list[IServable] = [self._service, Health()]
             self._server = Server(
                 servables,

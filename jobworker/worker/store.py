@@ -143,6 +143,7 @@ def status_to_json(status: JobStatus) -> str:
         "uid": status.uid,
         "network": status.network.value,
         "stopped_by": status.stopped_by,
+        "owner_role": status.owner_role,
     }
     return json.dumps(document, separators=(",", ":"))
 
@@ -171,4 +172,5 @@ def status_from_json(text: str) -> JobStatus:
         uid=d.get("uid", 0),
         network=Network(d.get("network", "host")),
         stopped_by=d.get("stopped_by", ""),
+        owner_role=d.get("owner_role", ""),
     )

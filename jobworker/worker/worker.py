@@ -337,6 +337,7 @@ class Worker:
                 id=job_id,
                 state=JobState.RUNNING,
                 owner=spec.owner,
+                owner_role=spec.owner_role,
                 program=spec.program,
                 args=spec.args,
                 pid=monitor.pid,
@@ -447,6 +448,10 @@ class Worker:
 
     def status(self, job_id: str) -> JobStatus:
         return self._table.get(job_id)
+
+    def running_count(self, owner: str, owner_role: str) -> int:
+        """How many jobs of this owner (name and role) are running."""
+        return self._table.running_count(owner, owner_role)
 
     def list(self, owner: str | None = None) -> list[JobStatus]:
         """Every job (or every job of ``owner``), oldest first."""

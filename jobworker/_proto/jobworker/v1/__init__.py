@@ -295,6 +295,12 @@ class JobStatus(betterproto2.Message):
     JOB_STATE_STOPPED; empty otherwise.
     """
 
+    owner_role: "str" = betterproto2.field(21, betterproto2.TYPE_STRING)
+    """
+    The role of the certificate that started the job. A job belongs to its owner's name and
+    role together: a user named like an admin sees none of the admin's jobs.
+    """
+
 
 default_message_pool.register_message("jobworker.v1", "JobStatus", JobStatus)
 
