@@ -262,12 +262,13 @@ def test_a_stream_reconnects_across_a_restart_byte_exact(serve: Serve) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as streaming:
-        time.sleep(0.5)
+        assert streaming.stdout is not None
+        first = streaming.stdout.readline()  # it is streaming: now the server goes away
         assert serve.stop() == 0  # on-exit keep: the job goes on
         serve.start()
-        out, err = streaming.communicate(timeout=60)
-    assert streaming.returncode == 0, err
-    assert out.decode().splitlines() == [f"line {i}" for i in range(300)]
+        rest = streaming.stdout.read()  # the same buffered reader: nothing is skipped
+        assert streaming.wait(timeout=60) == 0, streaming.stderr
+    assert (first + rest).decode().splitlines() == [f"line {i}" for i in range(300)]
 
 
 def test_a_second_sigterm_ends_the_server_at_once(serve: Serve) -> None:

@@ -90,6 +90,7 @@ class Worker:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._logs_dir = config.data_dir / "logs"
         self._exits_dir = config.data_dir / "exits"
+        self._exits_fd = -1
         self._work_dirs = WorkDirs(config.data_dir / "work")
         self._uids = UidPool(*config.job_uids)
         # Accounts a job may be run as, resolved once: every name must exist now.
@@ -112,6 +113,9 @@ class Worker:
             stack.enter_context(exclusive(data / "lock", f"data directory {data}"))
             for directory in (self._logs_dir, self._exits_dir):
                 directory.mkdir(mode=0o700, exist_ok=True)
+            # Jobs' inits create their exit files in it (init.c): one descriptor for all.
+            self._exits_fd = os.open(self._exits_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, self._exits_fd)
             self._work_dirs.setup()
             await check_isolation(Network.NONE)
             root = self._cgroups.prepare()
@@ -323,14 +327,10 @@ class Worker:
             self._work_dirs.create(launch.work_dir, launch.account)
             output_fd = create_log(log_path)
             try:
-                exit_fd = os.open(exit_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-                try:
-                    with self._starting_child():
-                        launch = replace(launch, cgroup=cgroup.path)
-                        monitor = await spawn_job(launch, output_fd, exit_fd)
-                        self._children[monitor.pid] = monitor
-                finally:
-                    os.close(exit_fd)
+                with self._starting_child():
+                    launch = replace(launch, cgroup=cgroup.path)
+                    monitor = await spawn_job(launch, output_fd, self._exits_fd)
+                    self._children[monitor.pid] = monitor
             finally:
                 os.close(output_fd)
             status = JobStatus(
