@@ -16,6 +16,7 @@ server):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -198,13 +199,18 @@ async def serve(config: ServerConfig) -> None:
                     "on-exit keep cannot keep jobs here: when PID 1 exits, the kernel ends "
                     "every process of its PID namespace (docs/deploy.md)"
                 )
-        async with anyio.create_task_group() as task_group:
+        # The shutdown listens for a second signal. A plain task, not a task group: a start-up
+        # error must reach the caller as itself, not inside an exception group.
+        second: asyncio.Task[None] | None = None
+        try:
             async with JobworkerServer(config):
                 async for signum in signals:
                     log.info("received %s", signal.Signals(signum).name)
                     break
-                task_group.start_soon(_exit_on_second_signal, signals)
-            task_group.cancel_scope.cancel()
+                second = asyncio.ensure_future(_exit_on_second_signal(signals))
+        finally:
+            if second is not None:
+                second.cancel()
 
 
 async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:
