@@ -41,6 +41,8 @@ async def _run(*argv: str) -> None:
 
 def _variants(cgroup: Path, data: Path) -> dict[str, Callable[[], Awaitable[None]]]:
     procs = str(cgroup / "cgroup.procs")
+    (data / "exits").mkdir(mode=0o700, exist_ok=True)
+    exits = os.open(data / "exits", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     shim = ["/bin/sh", "-c", _SHIM, procs]
     setpriv = ["setpriv", f"--reuid={_UID}", f"--regid={_UID}", "--clear-groups"]
     setpriv.append("--no-new-privs")
@@ -59,7 +61,7 @@ def _variants(cgroup: Path, data: Path) -> dict[str, Callable[[], Awaitable[None
             data_dir=data,
             work_dir=work,
         )
-        process = await spawn_job(launch, 1)
+        process = await spawn_job(launch, 1, exits)
         if await process.wait() != 0:
             raise RuntimeError("the helper's /bin/true failed")
         os.rmdir(work)

@@ -181,13 +181,14 @@ def spec_to_proto(spec: JobSpec) -> pb.StartJobRequest:
     )
 
 
-def spec_from_proto(request: pb.StartJobRequest, owner: str) -> JobSpec:
+def spec_from_proto(request: pb.StartJobRequest, owner: str, owner_role: str = "") -> JobSpec:
     """The job spec a start request asks for, on behalf of ``owner``. Not validated here."""
     return JobSpec(
         program=request.program,
         args=tuple(request.args),
         limits=limits_from_proto(request.limits),
         owner=owner,
+        owner_role=owner_role,
         env=dict(request.env),
         cwd=request.cwd,
         user=request.user,
@@ -235,6 +236,7 @@ def status_to_proto(status: JobStatus) -> pb.JobStatus:
         output_bytes=status.output_bytes,
         output_dropped=status.output_dropped,
         output_lost=status.output_lost,
+        owner_role=status.owner_role,
     )
 
 
@@ -271,6 +273,7 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
         output_bytes=status.output_bytes,
         output_dropped=status.output_dropped,
         output_lost=status.output_lost,
+        owner_role=status.owner_role,
     )
 
 

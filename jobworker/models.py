@@ -191,6 +191,7 @@ class JobSpec:
     user: str | None = None
     network: Network | None = None
     max_output: int | None = None
+    owner_role: str = ""  # the role of the certificate that started it ("" in the library)
 
     def validate(self) -> JobSpec:
         """Raise :class:`InvalidCommand` or :class:`InvalidLimits` for a malformed spec."""
@@ -270,6 +271,7 @@ class JobStatus:
     output_bytes: int = 0  # bytes the job has written, dropped ones included
     output_dropped: int = 0  # bytes of its output dropped to keep within max_output
     output_lost: bool = False  # the disk filled while it ran: some of its writes may have failed
+    owner_role: str = ""  # the role of the owner's certificate: a job belongs to name and role
 
 
 @dataclass(frozen=True)

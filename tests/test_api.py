@@ -14,7 +14,7 @@ from cryptography import x509
 from helpers import open_fds
 from pki import write_client
 
-from jobworker.auth.roles import ROLE_OID, encode_utf8string
+from jobworker.auth.roles import ROLE_OID, Role, encode_utf8string
 from jobworker.certs import (
     PkiPaths,
     create_client_cert,
@@ -30,9 +30,11 @@ from jobworker.errors import (
     JobNotFound,
     JobworkerError,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from jobworker.server.app import JobworkerServer, ServerConfig
+from jobworker.server.limits import ServerLimits
 from jobworker.worker import JobState, Limits, WorkerConfig
 
 pytestmark = pytest.mark.anyio
@@ -58,6 +60,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         issue_client(directory, name, "user")
     client_ca = load_cert_and_key(paths.client_ca, paths.client_ca_key)
     write_client(directory, "nobody", create_client_cert(client_ca, "nobody", None))
+    # A user whose certificate is named like the admin's.
+    write_client(directory, "fake-admin", create_client_cert(client_ca, "admin", Role.USER))
     unknown = x509.UnrecognizedExtension(ROLE_OID, encode_utf8string("root"))
     weird = create_client_cert(client_ca, "weird", None, extra_extensions=[unknown])
     write_client(directory, "weird", weird)
@@ -102,6 +106,7 @@ async def test_admin_can_call_every_rpc(connect: Callable[[str], Client]) -> Non
         stopped = await admin.stop(started.id)
         assert stopped.state is JobState.STOPPED
         assert stopped.signal == signal.SIGTERM
+        assert stopped.stopped_by == "admin", "the record says who stopped it"
         assert await read_output(admin, started.id) == b"hello\n"
 
 
@@ -147,6 +152,54 @@ async def test_a_user_cannot_see_another_users_jobs(connect: Callable[[str], Cli
         assert [j.id for j in await alice.list()] == [alices.id]
         assert {j.id for j in await admin.list()} == {alices.id, bobs.id}
         assert await read_output(admin, alices.id) == b"secret\n"
+
+
+async def test_a_user_named_like_an_admin_sees_nothing_of_the_admins(
+    connect: Callable[[str], Client],
+) -> None:
+    async with connect("admin") as admin, connect("fake-admin") as impostor:
+        admins = await admin.start("echo", ["secret"])
+        own = await impostor.start("true")
+        assert (admins.owner, admins.owner_role) == ("admin", "admin")
+        assert (own.owner, own.owner_role) == ("admin", "user")
+        with pytest.raises(JobNotFound):
+            await impostor.status(admins.id)
+        with pytest.raises(JobNotFound):
+            await read_output(impostor, admins.id)
+        assert [j.id for j in await impostor.list()] == [own.id]
+        assert {j.id for j in await admin.list()} == {admins.id, own.id}
+
+
+async def test_per_user_quotas_refuse_one_more_and_count_nothing_of_admins(
+    config: WorkerConfig, pki: Pki
+) -> None:
+    limits = ServerLimits(max_running_jobs_per_user=2, max_streams_per_user=1)
+    server_config = ServerConfig(
+        worker=config,
+        tls_cert=pki.paths.server_cert,
+        tls_key=pki.paths.server_key,
+        client_ca=pki.paths.client_ca,
+        port=0,
+        limits=limits,
+    )
+    async with (
+        JobworkerServer(server_config) as server,
+        pki.client(server.port, "alice") as alice,
+        pki.client(server.port, "admin") as admin,
+    ):
+        jobs = [await alice.start("sleep", ["60"]) for _ in range(2)]
+        with pytest.raises(ResourceExhausted, match="2 jobs running"):
+            await alice.start("sleep", ["60"])
+        assert len(await alice.list()) == 2, "the refused start left no job"
+        for _ in range(3):
+            await admin.start("true")  # admins are not counted
+        held = alice.output(jobs[0].id)
+        async with held:
+            with pytest.raises(ResourceExhausted, match="1 output streams open"):
+                await read_output(alice, jobs[1].id)
+        await admin.stop(jobs[0].id)
+        replacement = await alice.start("true")  # a slot came free
+        assert replacement.owner == "alice"
 
 
 @pytest.mark.parametrize(("name", "reason"), [("nobody", "no role"), ("weird", "unknown role")])

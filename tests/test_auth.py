@@ -314,21 +314,23 @@ def test_split_path() -> None:
 
 
 @pytest.mark.parametrize(
-    ("identity", "owner", "visible"),
+    ("identity", "owner", "owner_role", "visible"),
     [
-        (ADMIN, "admin", True),
-        (ADMIN, "alice", True),
-        (ADMIN, "bob", True),
-        (ALICE, "alice", True),
-        (ALICE, "bob", False),
-        (ALICE, "admin", False),
-        (ALICE, "Alice", False),
-        (ALICE, "", False),
-        (Identity("admin", Role.USER), "bob", False),  # the name "admin" is not the role
+        (ADMIN, "admin", "admin", True),
+        (ADMIN, "alice", "user", True),
+        (ADMIN, "bob", "user", True),
+        (ALICE, "alice", "user", True),
+        (ALICE, "alice", "admin", False),  # an admin certificate named alice owns it
+        (ALICE, "bob", "user", False),
+        (ALICE, "admin", "admin", False),
+        (ALICE, "Alice", "user", False),
+        (ALICE, "", "", False),
+        (Identity("admin", Role.USER), "bob", "user", False),  # the name "admin" is not the role
+        (Identity("admin", Role.USER), "admin", "admin", False),  # nor are the admin's jobs its
     ],
 )
-def test_can_see(identity: Identity, owner: str, visible: bool) -> None:
-    assert can_see(identity, owner) is visible
+def test_can_see(identity: Identity, owner: str, owner_role: str, visible: bool) -> None:
+    assert can_see(identity, owner, owner_role) is visible
 
 
 # --- audit lines and the identity context -----------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from helpers import JOBWORKER, client_env, free_port, job_cgroups, read_all, wait_listening
 
 from jobworker.errors import ConfigError
-from jobworker.worker import JobSpec, JobState, Worker, WorkerConfig
+from jobworker.worker import JobSpec, JobState, JobStatus, Worker, WorkerConfig
 from jobworker.worker.config import OnExit
 
 pytestmark = pytest.mark.anyio
@@ -110,7 +110,9 @@ async def test_a_job_that_ends_while_no_worker_runs_is_recorded(config: WorkerCo
         assert job_cgroups(worker) == []
 
 
-async def test_a_job_killed_while_no_worker_runs_has_its_signal(config: WorkerConfig) -> None:
+async def kill_while_no_worker_runs(config: WorkerConfig) -> tuple[JobStatus, Path]:
+    """A job a worker left running, then killed (cgroup.kill) before the next worker starts;
+    its status when it started and its cgroup."""
     async with Worker(replace(config, on_exit=OnExit.KEEP)) as worker:
         started = await worker.start(JobSpec("sleep", ("60",)))
     assert config.cgroup_root is not None
@@ -118,19 +120,18 @@ async def test_a_job_killed_while_no_worker_runs_has_its_signal(config: WorkerCo
     (cgroup / "cgroup.kill").write_text("1")
     await wait_until_empty(cgroup)
     reap(started.pid)
+    return started, cgroup
+
+
+async def test_a_job_killed_while_no_worker_runs_has_its_signal(config: WorkerConfig) -> None:
+    started, _ = await kill_while_no_worker_runs(config)
     async with Worker(config) as worker:
         status = worker.status(started.id)
         assert (status.state, status.signal) == (JobState.TERMINATED, signal.SIGKILL)
 
 
 async def test_a_record_whose_job_left_no_trace_is_lost(config: WorkerConfig) -> None:
-    async with Worker(replace(config, on_exit=OnExit.KEEP)) as worker:
-        started = await worker.start(JobSpec("sleep", ("60",)))
-    assert config.cgroup_root is not None
-    cgroup = config.cgroup_root / "jobs" / started.id
-    (cgroup / "cgroup.kill").write_text("1")
-    await wait_until_empty(cgroup)
-    reap(started.pid)
+    started, cgroup = await kill_while_no_worker_runs(config)
     cgroup.rmdir()
     (config.data_dir / "exits" / started.id).unlink()
     async with Worker(config) as worker:
@@ -262,12 +263,13 @@ def test_a_stream_reconnects_across_a_restart_byte_exact(serve: Serve) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as streaming:
-        time.sleep(0.5)
+        assert streaming.stdout is not None
+        first = streaming.stdout.readline()  # it is streaming: now the server goes away
         assert serve.stop() == 0  # on-exit keep: the job goes on
         serve.start()
-        out, err = streaming.communicate(timeout=60)
-    assert streaming.returncode == 0, err
-    assert out.decode().splitlines() == [f"line {i}" for i in range(300)]
+        rest = streaming.stdout.read()  # the same buffered reader: nothing is skipped
+        assert streaming.wait(timeout=60) == 0, streaming.stderr
+    assert (first + rest).decode().splitlines() == [f"line {i}" for i in range(300)]
 
 
 def test_a_second_sigterm_ends_the_server_at_once(serve: Serve) -> None:

@@ -177,12 +177,15 @@ def authorize_path(identity: Identity, path: str) -> None:
         raise PermissionDenied(f"{path!r} is not a method this server authorizes")
 
 
-def can_see(identity: Identity, owner: str) -> bool:
+def can_see(identity: Identity, owner: str, owner_role: str) -> bool:
     """Whether ``identity`` may see (and act on) a job owned by ``owner``.
 
-    An admin sees every job; anyone else sees only the jobs whose owner is their own name.
+    An admin sees every job; anyone else sees only the jobs whose owner is their own name
+    *and* role, so a user whose certificate says ``admin`` sees nothing of the admin's.
     """
-    return GRANTS.get(identity.role, _NOTHING).sees is Scope.ALL or identity.name == owner
+    if GRANTS.get(identity.role, _NOTHING).sees is Scope.ALL:
+        return True
+    return identity.name == owner and identity.role.value == owner_role
 
 
 def may_run_as_account(identity: Identity) -> bool:

@@ -61,14 +61,24 @@ class _Group(TyperGroup):
     """The top-level group: global options may also follow the command.
 
     Before parsing, every global option (as this group declares it, with its value) that
-    follows the command word is moved in front of it. Nothing after ``--`` moves, nor, for
-    ``start`` and ``run``, anything from the job's program on.
+    follows the command word is moved in front of it, unless the command declares an option
+    of that name itself (``wait --timeout`` is wait's own). Nothing after ``--`` moves, nor,
+    for ``start`` and ``run``, anything from the job's program on.
     """
 
     def parse_args(self, ctx: ClickContext, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, self._globals_first(args))
+        return super().parse_args(ctx, self._globals_first(ctx, args))
 
-    def _globals_first(self, args: list[str]) -> list[str]:
+    def _options_of(self, ctx: ClickContext, name: str) -> frozenset[str]:
+        """The option names the command ``name`` declares itself."""
+        command = self.get_command(ctx, name)
+        if command is None:
+            return frozenset()
+        return frozenset(
+            opt for param in command.params if isinstance(param, ClickOption) for opt in param.opts
+        )
+
+    def _globals_first(self, ctx: ClickContext, args: list[str]) -> list[str]:
         takes_value = {
             name: not getattr(param, "is_flag", False)
             for param in self.params
@@ -78,6 +88,7 @@ class _Group(TyperGroup):
         front: list[str] = []
         rest: list[str] = []
         command: str | None = None
+        own: frozenset[str] = frozenset()
         i = 0
         while i < len(args):
             arg = args[i]
@@ -85,13 +96,14 @@ class _Group(TyperGroup):
             if arg == "--" or (command in _PASSTHROUGH_COMMANDS and not arg.startswith("-")):
                 rest.extend(args[i:])
                 break
-            if name in takes_value and (command is not None or not rest):
+            if name in takes_value and ((command is None and not rest) or name not in own):
                 take = 2 if takes_value[name] and "=" not in arg else 1
                 front.extend(args[i : i + take])
                 i += take
                 continue
             if command is None and not arg.startswith("-"):
                 command = arg
+                own = self._options_of(ctx, command)
             rest.append(arg)
             i += 1
         return front + rest

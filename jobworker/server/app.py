@@ -16,6 +16,7 @@ server):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
 from jobworker.server.tuning import raise_open_file_limit, tune_malloc
 from jobworker.worker import Worker, WorkerConfig
+from jobworker.worker.config import OnExit
 from jobworker.worker.reaper import set_child_subreaper
 
 __all__ = ["JobworkerServer", "ServerConfig", "parse_listen", "serve"]
@@ -114,7 +116,7 @@ class JobworkerServer:
             # Listen only once the worker is ready: a connection that succeeds is served.
             sock = _listening_socket(self.config.host, self.config.port)
             stack.callback(sock.close)
-            self._service = WorkerService(worker)
+            self._service = WorkerService(worker, self.config.limits)
             servables: list[IServable] = [self._service, Health()]
             self._server = Server(
                 servables,
@@ -192,13 +194,23 @@ async def serve(config: ServerConfig) -> None:
             return
         if os.getpid() == 1:
             log.info("running as PID 1: reaping orphaned processes")
-        async with anyio.create_task_group() as task_group:
+            if config.worker.on_exit is OnExit.KEEP:
+                log.warning(
+                    "on-exit keep cannot keep jobs here: when PID 1 exits, the kernel ends "
+                    "every process of its PID namespace (docs/deploy.md)"
+                )
+        # The shutdown listens for a second signal. A plain task, not a task group: a start-up
+        # error must reach the caller as itself, not inside an exception group.
+        second: asyncio.Task[None] | None = None
+        try:
             async with JobworkerServer(config):
                 async for signum in signals:
                     log.info("received %s", signal.Signals(signum).name)
                     break
-                task_group.start_soon(_exit_on_second_signal, signals)
-            task_group.cancel_scope.cancel()
+                second = asyncio.ensure_future(_exit_on_second_signal(signals))
+        finally:
+            if second is not None:
+                second.cancel()
 
 
 async def _exit_on_second_signal(signals: AsyncIterator[int]) -> None:

@@ -32,6 +32,9 @@ class ServerLimits:
       SETTINGS_MAX_CONCURRENT_STREAMS).
     * ``max_resets`` within ``reset_window`` seconds: streams a client may reset on one
       connection; beyond that the connection gets GOAWAY (ENHANCE_YOUR_CALM) and is closed.
+    * ``max_running_jobs_per_user`` and ``max_streams_per_user``: jobs running and output
+      streams open at once for one ``user`` identity (name and role); one more is refused
+      with RESOURCE_EXHAUSTED. Admins are not counted.
     """
 
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -41,6 +44,8 @@ class ServerLimits:
     max_concurrent_streams: int = 100
     max_resets: int = 200
     reset_window: float = 10.0
+    max_running_jobs_per_user: int = 1000
+    max_streams_per_user: int = 1000
 
     def validate(self) -> ServerLimits:
         """Return self, or raise ConfigError naming the first value out of range."""

@@ -13,6 +13,7 @@ an unknown id, so job ids of other owners cannot be probed.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,15 +35,18 @@ from jobworker.auth import (
     current_identity,
     may_run_as_account,
 )
+from jobworker.auth.roles import Role
 from jobworker.errors import (
     DataLoss,
     InvalidArgument,
     InvalidOffset,
     JobNotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from jobworker.server.errors import to_grpc_error
+from jobworker.server.limits import ServerLimits
 from jobworker.worker import JobStatus, Worker, parse_job_id
 
 __all__ = ["WorkerService"]
@@ -67,8 +71,10 @@ class _Call:
 class WorkerService(pb.WorkerBase):
     """Serves one :class:`Worker`. :meth:`close` ends every open call with UNAVAILABLE."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, limits: ServerLimits | None = None) -> None:
         self._worker = worker
+        self._limits = limits or ServerLimits()
+        self._streams: Counter[Identity] = Counter()
         self._calls: set[anyio.CancelScope] = set()
         self._idle = anyio.Event()
         self._idle.set()
@@ -118,7 +124,7 @@ class WorkerService(pb.WorkerBase):
     def _visible(self, identity: Identity, job_id: str) -> JobStatus:
         """The status of a job the caller may see, else JobNotFound (as for an unknown id)."""
         status = self._worker.status(job_id)
-        if not can_see(identity, status.owner):
+        if not can_see(identity, status.owner, status.owner_role):
             raise JobNotFound(f"no job {parse_job_id(job_id)}")
         return status
 
@@ -126,11 +132,14 @@ class WorkerService(pb.WorkerBase):
 
     async def start_job(self, message: pb.StartJobRequest) -> pb.StartJobResponse:
         with self._call(Rpc.START_JOB) as call:
-            spec = spec_from_proto(message, owner=call.identity.name)
+            spec = spec_from_proto(
+                message, owner=call.identity.name, owner_role=call.identity.role.value
+            )
             if spec.user is not None and not may_run_as_account(call.identity):
                 raise PermissionDenied(
                     f"role {call.identity.role.value!r} may not choose the account a job runs as"
                 )
+            self._check_jobs_quota(call.identity)
             status = await self._worker.start(spec)
             call.job_id = status.id
         return pb.StartJobResponse(status=status_to_proto(status))
@@ -138,7 +147,7 @@ class WorkerService(pb.WorkerBase):
     async def stop_job(self, message: pb.StopJobRequest) -> pb.StopJobResponse:
         with self._call(Rpc.STOP_JOB, message.job_id) as call:
             self._visible(call.identity, message.job_id)
-            status = await self._worker.stop(message.job_id)
+            status = await self._worker.stop(message.job_id, by=call.identity.name)
         return pb.StopJobResponse(status=status_to_proto(status))
 
     async def get_job_status(self, message: pb.GetJobStatusRequest) -> pb.GetJobStatusResponse:
@@ -148,7 +157,7 @@ class WorkerService(pb.WorkerBase):
 
     async def list_jobs(self, message: pb.ListJobsRequest) -> pb.ListJobsResponse:
         with self._call(Rpc.LIST_JOBS) as call:
-            jobs = [s for s in self._worker.list() if can_see(call.identity, s.owner)]
+            jobs = [s for s in self._worker.list() if can_see(call.identity, s.owner, s.owner_role)]
         return pb.ListJobsResponse(jobs=[status_to_proto(s) for s in jobs])
 
     async def stream_job_output(
@@ -168,7 +177,10 @@ class WorkerService(pb.WorkerBase):
         """
         request = await stream.recv_message()
         assert request is not None
-        with self._call(Rpc.STREAM_JOB_OUTPUT, request.job_id) as call:
+        with (
+            self._call(Rpc.STREAM_JOB_OUTPUT, request.job_id) as call,
+            self._stream_slot(call.identity),
+        ):
             self._visible(call.identity, request.job_id)
             if request.offset > _MAX_OFF_T - self._worker.config.chunk_size:
                 raise InvalidOffset(
@@ -196,8 +208,41 @@ class WorkerService(pb.WorkerBase):
             if older_than is not None and not 0 <= older_than < float("inf"):
                 raise InvalidArgument(f"older_than_seconds must be 0 or more, not {older_than}")
             identity = call.identity
-            removed = self._worker.prune(older_than, owned=lambda owner: can_see(identity, owner))
+            removed = self._worker.prune(
+                older_than, owned=lambda s: can_see(identity, s.owner, s.owner_role)
+            )
         return pb.PruneJobsResponse(job_ids=removed)
+
+    # Per-user quotas (admins are not counted).
+
+    def _check_jobs_quota(self, identity: Identity) -> None:
+        top = self._limits.max_running_jobs_per_user
+        if (
+            identity.role is Role.USER
+            and self._worker.running_count(identity.name, identity.role.value) >= top
+        ):
+            raise ResourceExhausted(
+                f"{identity.name!r} has {top} jobs running, the most a user may; "
+                "start more when some have ended"
+            )
+
+    @contextmanager
+    def _stream_slot(self, identity: Identity) -> Iterator[None]:
+        if identity.role is not Role.USER:
+            yield
+            return
+        if self._streams[identity] >= self._limits.max_streams_per_user:
+            raise ResourceExhausted(
+                f"{identity.name!r} has {self._limits.max_streams_per_user} output streams "
+                "open, the most a user may"
+            )
+        self._streams[identity] += 1
+        try:
+            yield
+        finally:
+            self._streams[identity] -= 1
+            if not self._streams[identity]:
+                del self._streams[identity]
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         mapping: dict[str, Any] = super().__mapping__()

@@ -23,8 +23,9 @@
  * init sends them to every process of the namespace (kill(-1)), so "SIGTERM to the job"
  * reaches its whole tree and is never ignored because the program is a namespace's PID 1.
  *
- * Exit status: the init writes the program's raw wait status, in decimal, to the exit file
- * (descriptor 4), which outlives any server, then tells the monitor through a pipe and
+ * Exit status: the init writes the program's raw wait status, in decimal, to the job's exit
+ * file (created in the exit directory, descriptor 4, named after the job), which outlives any
+ * server, then tells the monitor through a pipe and
  * exits, which kills whatever the program left behind in the namespace. If the init is
  * killed first (cgroup.kill), the monitor writes the init's status there instead. The monitor then
  * ends the same way the program did: with its exit code, or killed by its signal (with core
@@ -34,8 +35,8 @@
  * "chdir 13"), and the helper exits. A successful exec closes the report descriptor
  * (close-on-exec) without a word, which is how the worker knows the program is running.
  *
- * Usage (the worker's, not a person's), with the report descriptor as fd 3 and the job's
- * exit file open for writing as fd 4:
+ * Usage (the worker's, not a person's), with the report descriptor as fd 3 and the
+ * directory of exit files as fd 4 (the job's id is CGROUP_DIR's last component):
  *   jobworker-init run CGROUP_DIR UID GID FLAGS DATA_DIR WORK_DIR CWD
  *                  NENV ENV... PROGRAM ARGV0 ARG...
  *   jobworker-init check FLAGS
@@ -77,6 +78,7 @@ static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTE
 #define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
 
 static int report_fd = -1;
+static const char *job_id = "";
 static volatile pid_t forward_to = 0;
 
 static void report(const char *stage, int err) {
@@ -222,6 +224,17 @@ static void exec_program(const struct job *job) {
     fail("exec");
 }
 
+/* Record how the job ended in its exit file; the first writer wins (O_EXCL). */
+static void write_exit(int status) {
+    char line[32];
+    int n = snprintf(line, sizeof line, "%d\n", status);
+    int fd = openat(EXIT_FD, job_id, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    ssize_t ignored = write(fd, line, (size_t)n);
+    (void)ignored;
+    close(fd);
+}
+
 /* PID 1 of the job's namespace: start the program, pass its end to the monitor, exit. */
 static void run_init(const struct job *job, const char *data_dir, const char *work_dir,
                      int own_network, int status_fd) {
@@ -244,10 +257,8 @@ static void run_init(const struct job *job, const char *data_dir, const char *wo
         int status;
         pid_t pid = wait(&status);
         if (pid == program) {
-            char line[32];
-            int n = snprintf(line, sizeof line, "%d\n", status);
-            ssize_t ignored = write(EXIT_FD, line, (size_t)n);
-            ignored = write(status_fd, &status, sizeof status);
+            write_exit(status);
+            ssize_t ignored = write(status_fd, &status, sizeof status);
             (void)ignored;
             _exit(0);
         }
@@ -302,6 +313,8 @@ static int run(int argc, char **argv) {
     if (argc < 12) return 2;
     report_fd = REPORT_FD;
     const char *cgroup_dir = argv[2];
+    const char *slash = strrchr(cgroup_dir, '/');
+    job_id = slash ? slash + 1 : cgroup_dir;
     struct job job;
     job.uid = (uid_t)strtoul(argv[3], NULL, 10);
     job.gid = (gid_t)strtoul(argv[4], NULL, 10);
@@ -352,10 +365,7 @@ static int run(int argc, char **argv) {
     }
     if (got != sizeof program_status) {
         /* The init was killed before it could say (cgroup.kill): the job ended that way. */
-        char line[32];
-        int n = snprintf(line, sizeof line, "%d\n", init_status);
-        ssize_t ignored = write(EXIT_FD, line, (size_t)n);
-        (void)ignored;
+        write_exit(init_status);
     }
     mirror(got == sizeof program_status ? program_status : init_status);
     return 0;

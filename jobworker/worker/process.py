@@ -57,7 +57,7 @@ HELPER: Final = Path(__file__).with_name("jobworker-init")
 # the worker's cgroup).
 HELPER_PROCESSES: Final = 1
 _REPORT_FD: Final = 3  # where the helper finds the report pipe (init.c)
-_EXIT_FD: Final = 4  # and the job's exit file
+_EXIT_FD: Final = 4  # and the directory of exit files
 
 
 def resolve_program(program: str, search_path: str) -> str:
@@ -232,18 +232,19 @@ def _helper_argv(launch: Launch) -> list[str]:
     ]
 
 
-async def spawn_job(launch: Launch, output_fd: int, exit_fd: int) -> Monitor:
+async def spawn_job(launch: Launch, output_fd: int, exits_fd: int) -> Monitor:
     """Start the job's program through the helper; return once the program runs.
 
     stdin is /dev/null; stdout and stderr both go to ``output_fd``, so the log keeps the
-    order in which they were written. The job's init writes the program's wait status to
-    ``exit_fd`` when it ends. The job gets a new session, so terminal signals meant for the
-    worker do not reach it. Raises :class:`InvalidCommand` if the job's account
-    cannot run the program or enter its directory, :class:`Unavailable` if the host
-    refused something else; the helper has exited by then.
+    order in which they were written. When the job ends, its init writes the program's wait
+    status to a file named after the job in the directory open as ``exits_fd``. The job gets
+    a new session, so terminal signals meant for the worker do not reach it. Raises
+    :class:`InvalidCommand` if the job's account cannot run the program or enter its
+    directory, :class:`Unavailable` if the host refused something else; the helper has
+    exited by then.
     """
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    given = (output_fd, write_end, exit_fd)
+    given = (output_fd, write_end, exits_fd)
     # posix_spawn applies the dup2s in order: no source may be the target of an earlier one.
     output, report_w, exit_w = moved = [_above(fd, _EXIT_FD) for fd in given]
     try:

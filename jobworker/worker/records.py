@@ -35,6 +35,7 @@ class JobTable:
         self._running: dict[str, RunningJob] = {}
         self._ends: dict[str, anyio.Event] = {}
         self._end_waiters: dict[str, set[Wakeup]] = {}
+        self._running_by_owner: dict[tuple[str, str], int] = {}
 
     @property
     def store(self) -> JobStore:
@@ -58,6 +59,8 @@ class JobTable:
         self._watch(job)
 
     def _watch(self, job: RunningJob) -> None:
+        owner = (job.status.owner, job.status.owner_role)
+        self._running_by_owner[owner] = self._running_by_owner.get(owner, 0) + 1
         self._running[job.id] = job
         self._ends[job.id] = anyio.Event()
         self._end_waiters.setdefault(job.id, set())
@@ -78,7 +81,11 @@ class JobTable:
         """A job has ended: record its final status and tell everyone waiting. False if the
         record could not be saved."""
         saved = self.update(final)
-        self._running.pop(final.id, None)
+        if self._running.pop(final.id, None) is not None:
+            owner = (final.owner, final.owner_role)
+            self._running_by_owner[owner] -= 1
+            if not self._running_by_owner[owner]:
+                del self._running_by_owner[owner]
         event = self._ends.pop(final.id, None)
         if event is not None:
             event.set()
@@ -105,6 +112,9 @@ class JobTable:
         status = self.record(job_id)
         job = self._running.get(status.id)
         return job.snapshot() if job is not None else status
+
+    def running_count(self, owner: str, owner_role: str) -> int:
+        return self._running_by_owner.get((owner, owner_role), 0)
 
     def running(self, job_id: str) -> RunningJob | None:
         return self._running.get(parse_job_id(job_id))

@@ -178,6 +178,7 @@ def status_to_json(status: JobStatus) -> str:
         "output_bytes": status.output_bytes,
         "output_dropped": status.output_dropped,
         "output_lost": status.output_lost,
+        "owner_role": status.owner_role,
     }
     return json.dumps(document, separators=(",", ":"))
 
@@ -210,4 +211,5 @@ def status_from_json(text: str) -> JobStatus:
         output_bytes=d.get("output_bytes", 0),
         output_dropped=d.get("output_dropped", 0),
         output_lost=d.get("output_lost", False),
+        owner_role=d.get("owner_role", ""),
     )

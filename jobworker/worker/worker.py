@@ -111,6 +111,7 @@ class Worker:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._logs_dir = config.data_dir / "logs"
         self._exits_dir = config.data_dir / "exits"
+        self._exits_fd = -1
         self._work_dirs = WorkDirs(config.data_dir / "work")
         self._uids = UidPool(*config.job_uids)
         # Accounts a job may be run as, resolved once: every name must exist now.
@@ -140,6 +141,9 @@ class Worker:
             stack.enter_context(exclusive(data / "lock", f"data directory {data}"))
             for directory in (self._logs_dir, self._exits_dir):
                 directory.mkdir(mode=0o700, exist_ok=True)
+            # Jobs' inits create their exit files in it (init.c): one descriptor for all.
+            self._exits_fd = os.open(self._exits_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            stack.callback(os.close, self._exits_fd)
             self._work_dirs.setup()
             await check_isolation(Network.NONE)
             root = self._cgroups.prepare()
@@ -361,20 +365,17 @@ class Worker:
             self._work_dirs.create(launch.work_dir, launch.account)
             output_fd = create_log(log_path)
             try:
-                exit_fd = os.open(exit_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
-                try:
-                    with self._starting_child():
-                        launch = replace(launch, cgroup=cgroup.path)
-                        monitor = await spawn_job(launch, output_fd, exit_fd)
-                        self._children[monitor.pid] = monitor
-                finally:
-                    os.close(exit_fd)
+                with self._starting_child():
+                    launch = replace(launch, cgroup=cgroup.path)
+                    monitor = await spawn_job(launch, output_fd, self._exits_fd)
+                    self._children[monitor.pid] = monitor
             finally:
                 os.close(output_fd)
             status = JobStatus(
                 id=job_id,
                 state=JobState.RUNNING,
                 owner=spec.owner,
+                owner_role=spec.owner_role,
                 program=spec.program,
                 args=spec.args,
                 pid=monitor.pid,
@@ -607,6 +608,10 @@ class Worker:
     def status(self, job_id: str) -> JobStatus:
         return self._with_output(self._table.get(job_id))
 
+    def running_count(self, owner: str, owner_role: str) -> int:
+        """How many jobs of this owner (name and role) are running."""
+        return self._table.running_count(owner, owner_role)
+
     def list(self, owner: str | None = None) -> list[JobStatus]:
         """Every job (or every job of ``owner``), oldest first."""
         return [
@@ -646,16 +651,16 @@ class Worker:
         self,
         older_than: float | None = None,
         keep: int | None = None,
-        owned: Callable[[str], bool] | None = None,
+        owned: Callable[[JobStatus], bool] | None = None,
     ) -> builtins.list[str]:
         """Remove the ended jobs that ended at least ``older_than`` seconds ago (``None``:
-        any), and all but the newest ``keep`` ended jobs; only those whose owner ``owned``
+        any), and all but the newest ``keep`` ended jobs; only those ``owned``
         accepts. Returns the ids removed, oldest first."""
         now = datetime.now(UTC)
         ended = [
             s
             for s in self._table.all()
-            if s.state.is_final and s.ended_at is not None and (owned is None or owned(s.owner))
+            if s.state.is_final and s.ended_at is not None and (owned is None or owned(s))
         ]
         ended.sort(key=lambda s: s.ended_at or now)
         chosen: set[str] = set()

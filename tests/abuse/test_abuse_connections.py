@@ -171,3 +171,52 @@ async def test_out_of_descriptors_the_server_keeps_listening_and_serves_again(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     with anyio.fail_after(10):
         await served(abuse_pki, server.port)
+
+
+async def test_rapid_reset_for_seconds_leaves_memory_bounded_and_health_answered(
+    server: JobworkerServer, abuse_pki: AbusePki
+) -> None:
+    """Attackers that reconnect and reset for 2 s (10 s in full mode), while a normal client
+    checks health on its own connection: every check is answered and memory stays bounded.
+    The latency of the checks is printed (the abuse table in docs/security.md)."""
+    seconds = 10.0 if FULL else 2.0
+    before = usage()
+    latencies: list[float] = []
+    attacks = 0
+
+    async def attacker() -> None:
+        nonlocal attacks
+        while True:
+            raw = await RawH2.open(server.port, abuse_pki.context())
+            try:
+                while not raw.closed:
+                    await raw.reset(await raw.start(HEALTH))
+                    attacks += 1
+                    if attacks % 20 == 0:
+                        with anyio.move_on_after(0.01):
+                            await raw.receive_once(1)
+            finally:
+                await raw.aclose()
+
+    async def checker() -> None:
+        async with abuse_pki.client(server.port) as client:
+            while True:
+                began = time.perf_counter()
+                assert isinstance(await client.list(), list)
+                latencies.append(time.perf_counter() - began)
+                await anyio.sleep(0.01)
+
+    with anyio.move_on_after(seconds), anyio.fail_after(seconds + 30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(attacker)
+            group.start_soon(checker)
+    await anyio.sleep(0.6)  # the handlers of closed connections are dropped after 0.5 s
+    after = usage()
+    latencies.sort()
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000
+    print(
+        f"\nrapid reset {seconds:g} s: {attacks} resets, {len(latencies)} checks, "
+        f"p99 {p99:.1f} ms, RSS {before.rss >> 20} -> {after.rss >> 20} MiB"
+    )
+    assert len(latencies) > 10, "the normal client was served throughout"
+    assert after.rss - before.rss < RSS_MARGIN

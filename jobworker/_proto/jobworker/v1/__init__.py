@@ -322,6 +322,12 @@ class JobStatus(betterproto2.Message):
     output may have failed (ENOSPC), and what they held is not in the output.
     """
 
+    owner_role: "str" = betterproto2.field(25, betterproto2.TYPE_STRING)
+    """
+    The role of the certificate that started the job. A job belongs to its owner's name and
+    role together: a user named like an admin sees none of the admin's jobs.
+    """
+
 
 default_message_pool.register_message("jobworker.v1", "JobStatus", JobStatus)
 

@@ -1,0 +1,132 @@
+"""The commands and errors people reach for, through the real CLI against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import JOBWORKER, client_env, free_port, wait_listening
+
+from jobworker import __version__
+
+
+class Served:
+    def __init__(self, tmp_path: Path, cgroup_root: Path) -> None:
+        self.port = free_port()
+        self.data_dir = tmp_path / "data"
+        self.log = tmp_path / "serve.log"
+        env = {
+            **os.environ,
+            "JOBWORKER_LISTEN": f"127.0.0.1:{self.port}",
+            "JOBWORKER_DATA_DIR": str(self.data_dir),
+            "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
+            "JOBWORKER_STOP_GRACE": "2",
+        }
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [*JOBWORKER, "serve"], env=env, stdout=sink, stderr=sink
+            )
+        wait_listening(self.port, self.process, self.log)
+        self.env = client_env(self.port, self.data_dir)
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*JOBWORKER, *args], env=env or self.env, capture_output=True, timeout=60, check=False
+        )
+
+    def start(self, *command: str) -> str:
+        started = self.cli("start", "--", *command)
+        assert started.returncode == 0, started.stderr
+        return started.stdout.decode().strip()
+
+
+@pytest.fixture
+def served(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
+    server = Served(tmp_path, cgroup_root)
+    try:
+        yield server
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=30)
+
+
+def test_version() -> None:
+    shown = subprocess.run([*JOBWORKER, "--version"], capture_output=True, check=False)
+    assert (shown.returncode, shown.stdout.decode().split()[-1]) == (0, __version__)
+
+
+def test_logs_prints_what_is_there_and_the_tail(served: Served) -> None:
+    job = served.start("sh", "-c", "for i in 1 2 3 4 5; do echo $i; done; sleep 60")
+    assert served.cli("wait", "--timeout", "0.5", job).returncode == 1  # still running
+    time.sleep(0.3)
+    whole = served.cli("logs", job)
+    assert (whole.returncode, whole.stdout) == (0, b"1\n2\n3\n4\n5\n")
+    tail = served.cli("logs", "--tail", "2", job)
+    assert tail.stdout == b"4\n5\n"
+    served.cli("stop", job)
+
+
+def test_wait_exits_with_the_jobs_code_and_prefixes_name_jobs(served: Served) -> None:
+    job = served.start("sh", "-c", "sleep 0.3; exit 6")
+    waited = served.cli("wait", job[:8])  # a unique prefix names the job
+    assert waited.returncode == 6, waited.stderr
+    killed = served.start("sh", "-c", "kill -KILL $$")
+    assert served.cli("wait", killed).returncode == 128 + signal.SIGKILL
+    unknown = served.cli("status", "0000")
+    assert unknown.returncode == 1 and unknown.stderr.startswith(b"error: ")
+
+
+def test_list_filters_and_quiet_ids_and_json_on_start_and_stop(served: Served) -> None:
+    running = served.start("sleep", "60")
+    done = served.start("true")
+    assert served.cli("wait", done).returncode == 0
+    quiet = served.cli("list", "-q", "--state", "running")
+    assert quiet.stdout.decode().split() == [running]
+    started = served.cli("start", "--json", "--", "true")
+    assert json.loads(started.stdout)["state"] == "running"
+    stopped = served.cli("stop", "--json", running)
+    assert json.loads(stopped.stdout)["state"] == "stopped"
+    assert b"stopping" in stopped.stderr, "stop says what it is doing while it waits"
+
+
+def test_global_options_after_the_command_and_a_bare_host(served: Served) -> None:
+    env = {k: v for k, v in served.env.items() if k != "JOBWORKER_SERVER"}
+    after = served.cli("list", "--server", f"127.0.0.1:{served.port}", env=env)
+    assert after.returncode == 0, after.stderr
+    bare = served.cli("--server", "127.0.0.1", "list", env=env)  # the default port, 50051
+    assert bare.returncode == 1
+    assert b"127.0.0.1:50051" in bare.stderr and bare.stderr.count(b"\n") == 1
+
+
+def test_usage_errors_are_one_line_and_exit_2(served: Served) -> None:
+    for args in (["status"], ["start"], ["stop", "a", "--no-such-option"]):
+        refused = served.cli(*args)
+        assert refused.returncode == 2, args
+        assert refused.stderr.startswith(b"error: ") and refused.stderr.count(b"\n") == 1, args
+
+
+def test_a_missing_certificate_file_is_named(served: Served, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    refused = served.cli("--cert", str(missing), "list")
+    assert refused.returncode == 1
+    assert str(missing).encode() in refused.stderr and refused.stderr.count(b"\n") == 1
+
+
+def test_a_listener_that_never_speaks_tls_times_out(served: Served) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        env = {**served.env, "JOBWORKER_SERVER": f"127.0.0.1:{port}"}
+        began = time.monotonic()
+        refused = served.cli("--timeout", "1", "list", env=env)
+    assert refused.returncode == 1 and refused.stderr.startswith(b"error: ")
+    assert time.monotonic() - began < 30, "the CLI gave up on its own"
