@@ -90,7 +90,7 @@ async def test_prune_by_age_and_owner(worker: Worker) -> None:
     bob = await ended_job(worker, owner="bob")
     running = await worker.start(JobSpec("sleep", ("60",), owner="alice"))
     assert worker.prune(older_than=3600) == [], "none ended an hour ago"
-    assert worker.prune(owned=lambda owner: owner == "alice") == alice
+    assert worker.prune(owned=lambda status: status.owner == "alice") == alice
     assert [s.id for s in worker.list()] == [bob, running.id]
     await worker.stop(running.id)
 
