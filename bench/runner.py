@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import follow, isolation, scale, start, throughput
+from bench import follow, isolation, output_cap, scale, start, throughput
 from bench.common import FULL, QUICK, Context, Section
 from bench.proc import MachineCpu, raise_nofile
 from bench.report import background_note, machine, markdown_table, plot, text_table, write_json
@@ -30,6 +30,7 @@ SECTIONS: dict[str, Measure] = {
     "isolation": isolation.measure,
     "throughput": throughput.measure,
     "follow": follow.measure,
+    "output_cap": output_cap.measure,
     "scale": scale.measure,
 }
 
