@@ -109,7 +109,15 @@ def job_processes(worker: Worker, job_id: str) -> dict[int, int]:
 
 
 def log_files(worker: Worker) -> list[str]:
-    return sorted(p.name for p in (worker.config.data_dir / "logs").iterdir())
+    """The logs in the data directory, but the one made ahead for the next job."""
+    ahead = f"{worker.prepared_job_id}.log"
+    return sorted(p.name for p in (worker.config.data_dir / "logs").iterdir() if p.name != ahead)
+
+
+def work_dirs(worker: Worker) -> list[str]:
+    """The jobs' working directories, but the one made ahead for the next job."""
+    ahead = worker.prepared_job_id
+    return sorted(p.name for p in (worker.config.data_dir / "work").iterdir() if p.name != ahead)
 
 
 async def read_all(worker: Worker, job_id: str, offset: int = 0) -> bytes:

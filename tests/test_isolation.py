@@ -19,7 +19,15 @@ from pathlib import Path
 
 import anyio
 import pytest
-from helpers import JOB_PYTHON, job_cgroups, job_processes, log_files, pid_exists, read_all
+from helpers import (
+    JOB_PYTHON,
+    job_cgroups,
+    job_processes,
+    log_files,
+    pid_exists,
+    read_all,
+    work_dirs,
+)
 
 from jobworker.errors import InvalidCommand, PermissionDenied, Unavailable
 from jobworker.worker import JobSpec, JobState, JobStatus, Network, Worker, WorkerConfig
@@ -373,7 +381,7 @@ async def test_a_cwd_the_job_cannot_enter_is_refused_and_changes_nothing(
         await worker.start(JobSpec("true", cwd=cwd))
     assert job_cgroups(worker) == [], "no cgroup left"
     assert log_files(worker) == [], "no log left"
-    assert list((worker.config.data_dir / "work").iterdir()) == [], "no directory left"
+    assert work_dirs(worker) == [], "no directory left"
     assert worker.list() == [], "no job recorded"
 
 

@@ -36,6 +36,10 @@ class WorkDirs:
         path.mkdir(mode=0o700)
         os.chown(path, account.uid, account.gid, follow_symlinks=False)
 
+    def give(self, path: Path, account: Account) -> None:
+        """Hand a directory made ahead (root's, 0700, empty) to ``account``."""
+        os.chown(path, account.uid, account.gid, follow_symlinks=False)
+
     def lock(self, path: Path) -> None:
         """Give the directory (not what it holds) back to root, mode 0700."""
         try:

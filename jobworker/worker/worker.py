@@ -23,6 +23,7 @@ one task prunes whenever a job ends and when the oldest ended job's time is up.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import math
@@ -31,7 +32,7 @@ import signal
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +91,17 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
+@dataclass
+class _Ready:
+    """The log (open) and working directory (root's until used) of the next job, made
+    while the event loop waits for the last job's program: two file creations off the
+    path of a start. A worker that dies with them leaves no record of them, so the next one
+    removes them (``_recover``)."""
+
+    job_id: str
+    log_fd: int
+
+
 class Worker:
     """Starts, stops, reports on and streams the output of jobs.
 
@@ -112,6 +124,7 @@ class Worker:
         self._logs_dir = config.data_dir / "logs"
         self._exits_dir = config.data_dir / "exits"
         self._exits_fd = -1
+        self._ready: _Ready | None = None
         self._work_dirs = WorkDirs(config.data_dir / "work")
         self._uids = UidPool(*config.job_uids)
         # Accounts a job may be run as, resolved once: every name must exist now.
@@ -144,6 +157,7 @@ class Worker:
             # Jobs' inits create their exit files in it (init.c): one descriptor for all.
             self._exits_fd = os.open(self._exits_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             stack.callback(os.close, self._exits_fd)
+            stack.callback(self._drop_ready)
             self._work_dirs.setup()
             await check_isolation(Network.NONE)
             root = self._cgroups.prepare()
@@ -221,11 +235,21 @@ class Worker:
                 log.info("job %s of %r: adopted from an earlier server", status.id, status.owner)
             else:
                 await self._supervise(job)  # it ended while no worker ran: record it now
+        self._forget_unrecorded_files()
         for name, cgroup in cgroups.items():
             log.warning("killing job cgroup %s: there is no record of it", cgroup.path)
             with anyio.fail_after(30):
                 await empty_cgroup(cgroup, self._watcher)
             cgroup.remove()
+            self._forget_files(name)
+
+    def _forget_unrecorded_files(self) -> None:
+        """Remove logs and working directories that no record names (a worker that died
+        with the next job's files made ahead, or a start cut short)."""
+        known = {status.id for status in self._table.all()}
+        names = {entry.name.removesuffix(".log") for entry in os.scandir(self._logs_dir)}
+        names |= {entry.name for entry in os.scandir(self._work_dirs.root)}
+        for name in names - known:
             self._forget_files(name)
 
     def _forget_files(self, job_id: str) -> None:
@@ -277,6 +301,11 @@ class Worker:
         return self._enforceable
 
     @property
+    def prepared_job_id(self) -> str | None:
+        """The id the next job will get, whose log and directory are already made."""
+        return self._ready.job_id if self._ready is not None else None
+
+    @property
     def cgroup_root(self) -> Path:
         return self._cgroups.root
 
@@ -292,11 +321,16 @@ class Worker:
         limits = self._effective_limits(spec.limits)
         max_output = self._effective_max_output(spec.max_output)
         unenforced = frozenset(limits.items()) - self._enforceable
-        job_id = new_job_id()
+        ready = self._take_ready()
+        job_id = ready.job_id if ready is not None else new_job_id()
         work_dir = self._work_dirs.path(job_id)
-        env = job_environment(job_id, str(work_dir), spec.env, os.environ)
-        program = resolve_program(spec.program, env["PATH"])
-        account = self._account(spec)
+        try:
+            env = job_environment(job_id, str(work_dir), spec.env, os.environ)
+            program = resolve_program(spec.program, env["PATH"])
+            account = self._account(spec)
+        except BaseException:
+            self._give_back(ready)
+            raise
         try:
             enforced = Limits(**{k: v for k, v in limits.items().items() if k not in unenforced})
             launch = Launch(
@@ -312,7 +346,7 @@ class Worker:
             )
             with anyio.CancelScope(shield=True):
                 job = await self._launch(
-                    job_id, spec, launch, enforced, unenforced, limits, max_output
+                    job_id, spec, launch, enforced, unenforced, limits, max_output, ready
                 )
         except BaseException:
             self._release(account)
@@ -354,17 +388,25 @@ class Worker:
         unenforced: frozenset[str],
         limits: Limits,
         max_output: int | None,
+        ready: _Ready | None,
     ) -> RunningJob:
-        """Create the job's cgroup, log, exit file and directory, start it and record it;
-        all or nothing. Called shielded: once the child exists it must become a job."""
+        """Create the job's cgroup, log and directory (or take the ready ones), start it and
+        record it; all or nothing. Called shielded: once the child exists it must become a
+        job."""
         cgroup = self._cgroups.create_job(job_id, enforced, self._io_device)
         log_path = self._logs_dir / f"{job_id}.log"
         exit_file = self._exits_dir / job_id
         monitor: Monitor | None = None
         try:
-            self._work_dirs.create(launch.work_dir, launch.account)
-            output_fd = create_log(log_path)
+            if ready is not None:
+                self._work_dirs.give(launch.work_dir, launch.account)
+                output_fd = ready.log_fd
+            else:
+                self._work_dirs.create(launch.work_dir, launch.account)
+                output_fd = create_log(log_path)
             try:
+                # The next job's files are made while this one's program starts.
+                asyncio.get_running_loop().call_soon(self._make_ready)
                 with self._starting_child():
                     launch = replace(launch, cgroup=cgroup.path)
                     monitor = await spawn_job(launch, output_fd, self._exits_fd)
@@ -413,6 +455,44 @@ class Worker:
                 raise Unavailable(f"the worker cannot start a job now: {why}") from exc
             raise
         return job
+
+    # The next job's files, made ahead (see _Ready).
+
+    def _make_ready(self) -> None:
+        if self._ready is not None or self._closing:
+            return
+        job_id = new_job_id()
+        work_dir = self._work_dirs.path(job_id)
+        try:
+            work_dir.mkdir(mode=0o700)
+            log_fd = create_log(self._logs_dir / f"{job_id}.log")
+        except OSError as exc:
+            log.warning("cannot prepare the next job's files: %s", exc)
+            self._work_dirs.remove(work_dir)
+            return
+        self._ready = _Ready(job_id, log_fd)
+
+    def _take_ready(self) -> _Ready | None:
+        ready, self._ready = self._ready, None
+        return ready
+
+    def _give_back(self, ready: _Ready | None) -> None:
+        """A start that failed before it used the ready files: keep them for the next."""
+        if ready is None:
+            return
+        if self._ready is None:
+            self._ready = ready
+        else:
+            self._drop(ready)
+
+    def _drop_ready(self) -> None:
+        ready = self._take_ready()
+        if ready is not None:
+            self._drop(ready)
+
+    def _drop(self, ready: _Ready) -> None:
+        os.close(ready.log_fd)
+        self._forget_files(ready.job_id)
 
     async def _supervise(self, job: RunningJob) -> None:
         monitor = job.monitor
