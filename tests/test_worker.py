@@ -268,7 +268,8 @@ async def test_a_cancelled_reader_releases_its_file_and_watch(worker: Worker) ->
         await got_first.wait()
         assert watcher.watch_count == watches_before + 1
         tg.cancel_scope.cancel()
-    assert open_fds() == before, "the cancelled reader leaked a file descriptor"
+    # Only new descriptors count: an earlier test's objects may be collected meanwhile.
+    assert open_fds() <= before, "the cancelled reader leaked a file descriptor"
     assert watcher.watch_count == watches_before, "the cancelled reader kept its inotify watch"
     await worker.stop(job_id)
 
@@ -323,7 +324,7 @@ async def test_a_bad_job_spec_is_refused_and_changes_nothing(
     assert worker.list() == [], "no job record"
     assert job_cgroups(worker) == [], "no cgroup"
     assert log_files(worker) == [], "no log file"
-    assert open_fds() == fds, "no leaked descriptor"
+    assert open_fds() <= fds, "no leaked descriptor"
 
 
 @pytest.mark.parametrize(
