@@ -1,12 +1,18 @@
-"""How the CLI shows job statuses: aligned text for people, JSON for programs."""
+"""How the CLI shows job statuses: aligned text for people, JSON for programs.
+
+Text is for a person at this host: times in the local zone with the job's age and run time,
+signals by name, limits in the units the options take (``memory=256M cpus=0.5``). JSON is for
+programs: times in ISO 8601 UTC, numbers in their base units, as the API has them.
+"""
 
 from __future__ import annotations
 
 import shlex
-from datetime import datetime
+import signal
+from datetime import UTC, datetime
 from typing import Any
 
-from jobworker.models import JobStatus, Limits, format_size
+from jobworker.models import JobStatus, Limits, format_cpus, format_size
 
 __all__ = ["status_json", "status_lines", "status_table"]
 
@@ -57,12 +63,64 @@ def _command(status: JobStatus) -> str:
     return shlex.join([status.program, *status.args])
 
 
-def _limits(limits: Limits, unenforced: frozenset[str]) -> str:
-    parts = [
-        f"{name}={value}{' (not enforced)' if name in unenforced else ''}"
-        for name, value in limits.items().items()
-    ]
-    return ", ".join(parts) or "none"
+# How each limit is named and written on the command line (start's options).
+_LIMIT_FORMS: dict[str, tuple[str, Any]] = {
+    "memory_bytes": ("memory", format_size),
+    "cpu_millis": ("cpus", format_cpus),
+    "pids": ("pids-limit", str),
+    "io_read_bps": ("io-read-bps", format_size),
+    "io_write_bps": ("io-write-bps", format_size),
+}
+
+
+def limits_text(limits: Limits, unenforced: frozenset[str] = frozenset()) -> str:
+    """Limits as start's options name and write them: ``memory=256M cpus=0.5``."""
+    parts = []
+    for name, value in limits.items().items():
+        option, form = _LIMIT_FORMS.get(name, (name, str))
+        parts.append(f"{option}={form(value)}{' (not enforced)' if name in unenforced else ''}")
+    return " ".join(parts) or "none"
+
+
+def signal_name(number: int) -> str:
+    """``SIGTERM`` for 15; the number itself for one this host does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for a person: ``850 ms``, ``12.3 s``, ``4m05s``, ``2h07m``, ``3d04h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def local_time(value: datetime) -> str:
+    """An aware time in this host's zone, to the second."""
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _started(status: JobStatus, now: datetime) -> str:
+    age = duration_text((now - status.started_at).total_seconds())
+    return f"{local_time(status.started_at)} ({age} ago)"
+
+
+def _ended(status: JobStatus) -> str:
+    if status.ended_at is None:
+        return "-"
+    ran = duration_text((status.ended_at - status.started_at).total_seconds())
+    return f"{local_time(status.ended_at)} (ran {ran})"
 
 
 def _account(status: JobStatus) -> str:
@@ -71,10 +129,21 @@ def _account(status: JobStatus) -> str:
 
 def _outcome(status: JobStatus) -> str:
     if status.signal is not None:
-        return f"signal {status.signal}"
+        return signal_name(status.signal)
     if status.exit_code is not None:
         return f"exit {status.exit_code}"
     return "-"
+
+
+def _bytes(size: int) -> str:
+    """Bytes for a person, in binary units: ``512 bytes``, ``12.5 MiB``."""
+    if size < 1024:
+        return f"{size} bytes"
+    units = ("KiB", "MiB", "GiB", "TiB")
+    value, index = size / 1024, 0
+    while value >= 1024 and index < len(units) - 1:
+        value, index = value / 1024, index + 1
+    return f"{value:.1f} {units[index]}"
 
 
 def _output(status: JobStatus) -> str:
@@ -86,8 +155,9 @@ def _output(status: JobStatus) -> str:
     return text
 
 
-def status_lines(status: JobStatus) -> list[str]:
-    """A job's status as ``key: value`` lines."""
+def status_lines(status: JobStatus, now: datetime | None = None) -> list[str]:
+    """A job's status as ``key: value`` lines (``now``: for the job's age; tests give it)."""
+    now = now or datetime.now(UTC)
     rows = [
         ("id", status.id),
         ("state", status.state.value),
@@ -100,20 +170,20 @@ def status_lines(status: JobStatus) -> list[str]:
         ("pid", str(status.pid)),
         ("result", _outcome(status)),
         ("oom killed", "yes" if status.oom_killed else "no"),
-        ("started", _time(status.started_at) or "-"),
-        ("ended", _time(status.ended_at) or "-"),
-        ("limits", _limits(status.limits, status.unenforced)),
+        ("started", _started(status, now)),
+        ("ended", _ended(status)),
+        ("limits", limits_text(status.limits, status.unenforced)),
         ("output", _output(status)),
     ]
     if status.usage.cpu_usec is not None:
-        rows.append(("cpu time", f"{status.usage.cpu_usec / 1e6:.3f} s"))
+        rows.append(("cpu time", duration_text(status.usage.cpu_usec / 1e6)))
     if status.usage.memory_peak_bytes is not None:
-        rows.append(("peak memory", f"{status.usage.memory_peak_bytes} bytes"))
+        rows.append(("peak memory", _bytes(status.usage.memory_peak_bytes)))
     if status.stopped_by:
         rows.append(("stopped by", status.stopped_by))
     counters = (
         ("oom kills", status.usage.oom_kills, ""),
-        ("cpu throttled", status.usage.cpu_throttled_usec, " us"),
+        ("cpu throttled (us)", status.usage.cpu_throttled_usec, ""),
         ("pids limit hits", status.usage.pids_limit_hits, ""),
         ("io read", status.usage.io_read_bytes, " bytes"),
         ("io written", status.usage.io_write_bytes, " bytes"),
@@ -132,7 +202,7 @@ def status_table(jobs: list[JobStatus]) -> list[str]:
             j.state.value,
             _outcome(j),
             j.owner,
-            j.started_at.strftime("%Y-%m-%d %H:%M:%S"),
+            local_time(j.started_at),
             _command(j),
         )
         for j in jobs
