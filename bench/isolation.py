@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.common import Context, Section
 from bench.stats import percentile
+from jobworker.models import Network
 from jobworker.worker.accounts import Account
-from jobworker.worker.models import Network
 from jobworker.worker.process import Launch, spawn_job
 
 _UID = 65534  # nobody: an unprivileged uid every Linux has

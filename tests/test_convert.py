@@ -22,7 +22,7 @@ from jobworker._proto_convert import (
     status_to_proto,
 )
 from jobworker.errors import InvalidArgument, JobworkerError
-from jobworker.worker.models import (
+from jobworker.models import (
     JobSpec,
     JobState,
     JobStatus,

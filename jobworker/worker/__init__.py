@@ -3,9 +3,7 @@
 It knows nothing of gRPC or TLS; the server and the CLI are thin edges around it.
 """
 
-from jobworker.worker.config import WorkerConfig
-from jobworker.worker.logs import OutputStream
-from jobworker.worker.models import (
+from jobworker.models import (
     JobSpec,
     JobState,
     JobStatus,
@@ -15,6 +13,8 @@ from jobworker.worker.models import (
     Usage,
     parse_job_id,
 )
+from jobworker.worker.config import WorkerConfig
+from jobworker.worker.logs import OutputStream
 from jobworker.worker.worker import Worker
 
 __all__ = [

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from jobworker.errors import CgroupError, ConfigError
-from jobworker.worker.models import Limits, Usage
+from jobworker.models import Limits, Usage
 from jobworker.worker.process import HELPER_PROCESSES
 
 __all__ = [

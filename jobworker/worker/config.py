@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Final
 
 from jobworker.errors import ConfigError
-from jobworker.models import format_size, parse_size
-from jobworker.worker.models import MAX_OUTPUT_RANGE, Limits, Network
+from jobworker.models import MAX_OUTPUT_RANGE, Limits, Network, format_size, parse_size
 
 __all__ = ["DEFAULT_JOB_UIDS", "MinFree", "OnExit", "WorkerConfig", "parse_uid_range"]
 

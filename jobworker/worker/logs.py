@@ -21,8 +21,8 @@ from pathlib import Path
 from types import TracebackType
 
 from jobworker.errors import InvalidOffset
+from jobworker.models import OutputChunk
 from jobworker.worker.holes import next_data, next_hole
-from jobworker.worker.models import OutputChunk
 from jobworker.worker.notify import FileWatcher, Wakeup
 
 __all__ = ["OutputStream", "create_log"]

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Final
 
 from jobworker.errors import ConfigError, InvalidCommand, Unavailable
+from jobworker.models import Network
 from jobworker.worker.accounts import Account
-from jobworker.worker.models import Network
 
 __all__ = [
     "DEFAULT_PATH",
