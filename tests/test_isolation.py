@@ -358,6 +358,21 @@ async def test_env_and_cwd_reach_the_program_and_its_status(
     assert (dict(status.env), status.cwd) == (env, str(readable_dir))
 
 
+async def test_the_environment_is_in_no_command_line_on_the_host(worker: Worker) -> None:
+    """/proc/PID/cmdline is every host user's to read; a job's environment (secrets) is not."""
+    secret = "hunter2-" + os.urandom(8).hex()
+    status = await worker.start(
+        JobSpec("sh", ("-c", 'echo "$TOKEN"; exec sleep 60'), env={"TOKEN": secret})
+    )
+    assert (await wait_for_line(worker, status.id)) == secret, "the job has it"
+    cgroup = worker.cgroup_root / "jobs" / status.id
+    processes = [status.pid, *map(int, (cgroup / "cgroup.procs").read_text().split())]
+    assert len(processes) == 3, "the monitor, the init and the program"
+    for pid in processes:
+        assert secret.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+    await worker.stop(status.id)
+
+
 @pytest.fixture
 def root_only_dir() -> Iterator[Path]:
     """A directory only root may enter, holding a program anyone could run."""

@@ -35,10 +35,12 @@
  * "chdir 13"), and the helper exits. A successful exec closes the report descriptor
  * (close-on-exec) without a word, which is how the worker knows the program is running.
  *
- * Usage (the worker's, not a person's), with the report descriptor as fd 3 and the
- * directory of exit files as fd 4 (the job's id is CGROUP_DIR's last component):
+ * Usage (the worker's, not a person's), with the report descriptor as fd 3, the directory
+ * of exit files as fd 4 (the job's id is CGROUP_DIR's last component), and the program's
+ * environment as fd 5, NUL-terminated NAME=VALUE entries to read to its end: it never
+ * appears in a command line, which every user of the host may read in /proc:
  *   jobworker-init run CGROUP_DIR UID GID FLAGS DATA_DIR WORK_DIR CWD
- *                  NENV ENV... PROGRAM ARGV0 ARG...
+ *                  PROGRAM ARGV0 ARG...
  *   jobworker-init check FLAGS
  * FLAGS: "-" or "n" (a network namespace of its own, loopback only). Every descriptor above
  * 4 is closed first, whatever the worker left open.
@@ -73,6 +75,7 @@
 #define EXIT_SETUP 125
 #define REPORT_FD 3
 #define EXIT_FD 4
+#define ENV_FD 5
 
 static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM};
 #define N_FORWARDED (sizeof forwarded / sizeof forwarded[0])
@@ -281,6 +284,38 @@ static void mirror(int status) {
     _exit(128 + sig);
 }
 
+/* The NUL-terminated entries of ``fd``, read to its end (then closed), as an envp. */
+static char **read_environment(int fd) {
+    size_t size = 0, room = 4096;
+    char *text = malloc(room);
+    if (!text) fail("memory");
+    for (;;) {
+        if (size == room) {
+            room *= 2;
+            text = realloc(text, room);
+            if (!text) fail("memory");
+        }
+        ssize_t n = read(fd, text + size, room - size);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) fail("environment");
+        if (n == 0) break;
+        size += (size_t)n;
+    }
+    close(fd);
+    size_t count = 0;
+    for (size_t i = 0; i < size; i++) count += text[i] == '\0';
+    char **envp = calloc(count + 1, sizeof *envp);
+    if (!envp) fail("memory");
+    size_t at = 0;
+    for (size_t i = 0, start = 0; i < size; i++) {
+        if (text[i] == '\0') {
+            envp[at++] = text + start;
+            start = i + 1;
+        }
+    }
+    return envp;
+}
+
 static int namespace_flags(const char *flags) {
     int clone_flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWCGROUP;
     if (strchr(flags, 'n')) clone_flags |= CLONE_NEWNET;
@@ -310,7 +345,7 @@ static pid_t fork_into(int cgroup_fd, int ns_flags) {
 }
 
 static int run(int argc, char **argv) {
-    if (argc < 12) return 2;
+    if (argc < 11) return 2;
     report_fd = REPORT_FD;
     const char *cgroup_dir = argv[2];
     const char *slash = strrchr(cgroup_dir, '/');
@@ -322,15 +357,9 @@ static int run(int argc, char **argv) {
     const char *data_dir = argv[6];
     const char *work_dir = argv[7];
     job.cwd = argv[8];
-    int nenv = atoi(argv[9]);
-    if (nenv < 0 || 10 + nenv + 2 > argc) return 2;
-    /* The environment is copied so that it can end with NULL. */
-    char **envp = calloc((size_t)nenv + 1, sizeof *envp);
-    if (!envp) fail("memory");
-    for (int i = 0; i < nenv; i++) envp[i] = argv[10 + i];
-    job.envp = envp;
-    job.program = argv[10 + nenv];
-    job.argv = &argv[11 + nenv];
+    job.envp = read_environment(ENV_FD);
+    job.program = argv[9];
+    job.argv = &argv[10];
 
     block_forwarded(SIG_BLOCK);
     int cgroup_fd = open(cgroup_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -390,8 +419,8 @@ int main(int argc, char **argv) {
     if (chdir("/") < 0) return EXIT_SETUP;
     if (argc >= 2 && strcmp(argv[1], "run") == 0) {
         /* Nothing but stdio and the report descriptor crosses into the job. */
-        if (syscall(SYS_close_range, EXIT_FD + 1, ~0U, 0) < 0) {
-            for (int fd = EXIT_FD + 1; fd < 1024; fd++) close(fd);
+        if (syscall(SYS_close_range, ENV_FD + 1, ~0U, 0) < 0) {
+            for (int fd = ENV_FD + 1; fd < 1024; fd++) close(fd);
         }
         fcntl(REPORT_FD, F_SETFD, FD_CLOEXEC);
         fcntl(EXIT_FD, F_SETFD, FD_CLOEXEC);

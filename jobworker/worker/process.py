@@ -58,6 +58,7 @@ HELPER: Final = Path(__file__).with_name("jobworker-init")
 HELPER_PROCESSES: Final = 1
 _REPORT_FD: Final = 3  # where the helper finds the report pipe (init.c)
 _EXIT_FD: Final = 4  # and the directory of exit files
+_ENV_FD: Final = 5  # and the program's environment (never in a command line)
 
 
 def resolve_program(program: str, search_path: str) -> str:
@@ -224,8 +225,6 @@ def _helper_argv(launch: Launch) -> list[str]:
         str(launch.data_dir),
         str(launch.work_dir),
         launch.cwd,
-        str(len(launch.env)),
-        *(f"{name}={value}" for name, value in launch.env.items()),
         launch.program,
         launch.program,
         *launch.args,
@@ -243,10 +242,11 @@ async def spawn_job(launch: Launch, output_fd: int, exits_fd: int) -> Monitor:
     directory, :class:`Unavailable` if the host refused something else; the helper has
     exited by then.
     """
+    env_fd = _environment_file(launch.env)
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    given = (output_fd, write_end, exits_fd)
+    given = (output_fd, write_end, exits_fd, env_fd)
     # posix_spawn applies the dup2s in order: no source may be the target of an earlier one.
-    output, report_w, exit_w = moved = [_above(fd, _EXIT_FD) for fd in given]
+    output, report_w, exit_w, env_r = moved = [_above(fd, _ENV_FD) for fd in given]
     try:
         try:
             pid = os.posix_spawn(  # noqa: ASYNC221 - returns once the helper is exec'd (vfork)
@@ -259,12 +259,14 @@ async def spawn_job(launch: Launch, output_fd: int, exits_fd: int) -> Monitor:
                     (os.POSIX_SPAWN_DUP2, output, 2),
                     (os.POSIX_SPAWN_DUP2, report_w, _REPORT_FD),
                     (os.POSIX_SPAWN_DUP2, exit_w, _EXIT_FD),
+                    (os.POSIX_SPAWN_DUP2, env_r, _ENV_FD),
                 ],
                 setsid=True,
             )
             monitor = Monitor(pid)
         finally:
             os.close(write_end)
+            os.close(env_fd)
             for fd, original in zip(moved, given, strict=True):
                 if fd != original:
                     os.close(fd)
@@ -290,6 +292,26 @@ async def _read_to_end(fd: int) -> bytes:
         if not chunk:
             return bytes(data)
         data += chunk
+
+
+def _environment_file(env: Mapping[str, str]) -> int:
+    """A memory file holding ``env`` as NUL-terminated ``NAME=VALUE`` entries, at offset 0.
+
+    The helper reads the job's environment from it: in its command line, every user of the
+    host could read it (``/proc/PID/cmdline``), where ``/proc/PID/environ`` is private.
+    """
+    fd = os.memfd_create("jobworker-env", os.MFD_CLOEXEC)
+    try:
+        data = memoryview(
+            b"".join(f"{name}={value}".encode() + b"\0" for name, value in env.items())
+        )
+        while data:
+            data = data[os.write(fd, data) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _above(fd: int, floor: int) -> int:
