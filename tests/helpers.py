@@ -28,9 +28,21 @@ def _job_python() -> str:
 JOB_PYTHON = _job_python()
 
 
-def open_fds() -> set[int]:
-    """This process's open file descriptors."""
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+def open_fds(worker: Worker | None = None) -> set[int]:
+    """This process's open file descriptors; with ``worker``, but the log it holds open for
+    its next job (made ahead while a start waits: worker.py)."""
+    fds = {int(fd) for fd in os.listdir("/proc/self/fd")}
+    if worker is None or worker.prepared_job_id is None:
+        return fds
+    ahead = f"{worker.prepared_job_id}.log"
+    return {fd for fd in fds if not _names(fd, ahead)}
+
+
+def _names(fd: int, name: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith("/" + name)
+    except OSError:
+        return False
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:

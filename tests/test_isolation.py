@@ -400,9 +400,25 @@ async def test_a_cwd_the_job_cannot_enter_is_refused_and_changes_nothing(
     assert worker.list() == [], "no job recorded"
 
 
-async def test_a_program_the_job_may_not_run_is_refused(
+async def test_start_tells_nothing_of_files_only_root_may_see(
     worker: Worker, root_only_dir: Path
 ) -> None:
+    """A program named in a directory the job's user cannot enter is "not found" whether
+    or not it exists: StartJob is no way to probe root's files."""
+    messages = []
+    for name in ("program", "no-such-program"):
+        with pytest.raises(InvalidCommand) as refused:
+            await worker.start(JobSpec(str(root_only_dir / name)))
+        messages.append(str(refused.value).replace(str(root_only_dir / name), "PATH"))
+    assert messages[0] == messages[1], "the same answer, whether it exists or not"
+    assert "cannot be run by the job's user: Permission denied" in messages[0]
+    assert job_cgroups(worker) == [] and log_files(worker) == []
+
+
+async def test_a_program_the_job_may_not_run_is_refused(worker: Worker, readable_dir: Path) -> None:
+    program = readable_dir / "not-executable"
+    program.write_text("#!/bin/sh\necho ran\n")
+    program.chmod(0o644)
     with pytest.raises(InvalidCommand, match="cannot be run by the job's user: Permission"):
-        await worker.start(JobSpec(str(root_only_dir / "program")))
+        await worker.start(JobSpec(str(program)))
     assert job_cgroups(worker) == [] and log_files(worker) == []

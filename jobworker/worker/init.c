@@ -212,6 +212,40 @@ struct job {
     char **envp;
 };
 
+/* Exec the program: a path as it is, a bare name on the job's PATH (never the working
+ * directory). This runs as the job's user, so what it cannot reach it cannot find either,
+ * and a caller learns nothing of files only root may see. */
+static void exec_search(const struct job *job) {
+    if (strchr(job->program, '/')) {
+        execve(job->program, job->argv, job->envp);
+        fail("exec");
+    }
+    const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    for (char **entry = job->envp; *entry; entry++) {
+        if (strncmp(*entry, "PATH=", 5) == 0) path = *entry + 5;
+    }
+    int found = ENOENT;
+    char candidate[PATH_MAX];
+    size_t name = strlen(job->program);
+    for (const char *dir = path;;) {
+        const char *end = strchr(dir, ':');
+        size_t len = end ? (size_t)(end - dir) : strlen(dir);
+        if (len > 0 && len + 1 + name < sizeof candidate) {
+            memcpy(candidate, dir, len);
+            candidate[len] = '/';
+            memcpy(candidate + len + 1, job->program, name + 1);
+            execve(candidate, job->argv, job->envp);
+            /* A directory on PATH the user may not search hides nothing it can run. */
+            int unreachable = errno == EACCES && access(candidate, F_OK) != 0;
+            if (errno != ENOENT && errno != ENOTDIR && !unreachable) found = errno;
+        }
+        if (!end) break;
+        dir = end + 1;
+    }
+    errno = found;
+    fail("exec");
+}
+
 static void exec_program(const struct job *job) {
     for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);
     if (setgroups(0, NULL) < 0) fail("setgroups");
@@ -223,8 +257,7 @@ static void exec_program(const struct job *job) {
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    execve(job->program, job->argv, job->envp);
-    fail("exec");
+    exec_search(job);
 }
 
 /* Record how the job ended in its exit file; the first writer wins (O_EXCL). */

@@ -3,17 +3,18 @@
 Python cannot ``clone3(CLONE_INTO_CGROUP)``, cannot create a PID namespace for a child on
 3.11, and ``preexec_fn`` is unsafe in a threaded process. So the worker starts a small
 native helper, ``jobworker-init`` (``init.c`` beside this file, built at install), as root
-and with an empty environment. The helper moves itself into the job's cgroup, unshares the
-job's namespaces, becomes the monitor of a PID 1 that sets up the job's mounts, and only
-then does the program's own process drop to the job's account and ``exec`` it. The
-program's first instruction, and everything it ever forks, run inside the cgroup, the
-namespaces and the account; ``init.c`` describes each step.
+and with an empty environment (the job's comes through a memory file). The helper creates
+the job's init straight into its cgroup and namespaces; the init sets up the job's mounts,
+and only then does the program's own process drop to the job's account, look the program
+up on the job's PATH and ``exec`` it. The program's first instruction, and everything it
+ever forks, run inside the cgroup, the namespaces and the account; ``init.c`` describes
+each step.
 
 The helper reports any failure before the exec on a pipe, and a successful exec closes the
 pipe without a word, so :func:`spawn_job` returns only once the program really runs, and a
-program the job's account cannot run (or a working directory it cannot enter) is an error
-from start, like a program that does not exist. The program is still resolved and checked
-here first, with the server's own rights, for clear messages about the common mistakes.
+program the job's account cannot find or run (or a working directory it cannot enter) is
+an error from start. The server itself only checks the program's form: looking it up with
+root's rights would tell a caller which files only root may see exist.
 
 The helper's exit status is the program's own: its exit code, or death by the same signal.
 """
@@ -25,9 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import signal
-import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -45,8 +44,8 @@ __all__ = [
     "Launch",
     "Monitor",
     "check_isolation",
+    "check_program",
     "job_environment",
-    "resolve_program",
     "spawn_job",
     "wait_readable",
 ]
@@ -61,30 +60,16 @@ _EXIT_FD: Final = 4  # and the directory of exit files
 _ENV_FD: Final = 5  # and the program's environment (never in a command line)
 
 
-def resolve_program(program: str, search_path: str) -> str:
-    """The absolute path of ``program``, which must exist and be executable.
+def check_program(program: str) -> str:
+    """``program`` if it is a bare name (looked up on the job's PATH) or an absolute path.
 
-    A bare name is looked up on ``search_path``; a path must be absolute.
+    Whether it exists and may be run is the job's user's to find out, in the helper: the
+    server looking as root would tell a caller about files only root may see.
     """
-    if "/" not in program:
-        found = shutil.which(program, path=search_path)
-        if found is None:
-            raise InvalidCommand(f"program {program!r} was not found on the job's PATH")
-        program = found
-    elif not program.startswith("/"):
+    if "/" in program and not program.startswith("/"):
         raise InvalidCommand(
             f"program {program!r} must be an absolute path or a bare name found on PATH"
         )
-    try:
-        mode = os.stat(program).st_mode
-    except FileNotFoundError:
-        raise InvalidCommand(f"program {program!r} does not exist") from None
-    except OSError as exc:
-        raise InvalidCommand(f"program {program!r} cannot be used: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        raise InvalidCommand(f"program {program!r} is not a regular file")
-    if not os.access(program, os.X_OK):
-        raise InvalidCommand(f"program {program!r} is not executable")
     return program
 
 
@@ -334,6 +319,12 @@ def _start_error(report: str, launch: Launch) -> Exception:
         if code == errno.E2BIG:
             return InvalidCommand(
                 "the program's arguments and environment are too long for this host"
+            )
+        if code in (errno.ENOENT, errno.ENOTDIR):
+            where = "on the job's PATH" if "/" not in launch.program else "there"
+            return InvalidCommand(
+                f"program {launch.program!r} was not found {where} by {who}: it does not "
+                "exist, or that user cannot reach it"
             )
         return InvalidCommand(f"program {launch.program!r} cannot be run by {who}: {why}")
     if stage == "chdir":

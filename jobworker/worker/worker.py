@@ -72,8 +72,8 @@ from jobworker.worker.process import (
     Launch,
     Monitor,
     check_isolation,
+    check_program,
     job_environment,
-    resolve_program,
     spawn_job,
 )
 from jobworker.worker.reaper import OrphanReaper
@@ -326,7 +326,7 @@ class Worker:
         work_dir = self._work_dirs.path(job_id)
         try:
             env = job_environment(job_id, str(work_dir), spec.env, os.environ)
-            program = resolve_program(spec.program, env["PATH"])
+            program = check_program(spec.program)
             account = self._account(spec)
         except BaseException:
             self._give_back(ready)

@@ -193,8 +193,8 @@ class JobStatus(betterproto2.Message):
 
     program: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
     """
-    The program that was run, as given to StartJob (a path, or a name looked up in the
-    server's PATH).
+    The program that was run, as given to StartJob (a path, or a name looked up on the
+    job's PATH).
     """
 
     args: "list[str]" = betterproto2.field(5, betterproto2.TYPE_STRING, repeated=True)
@@ -472,8 +472,8 @@ default_message_pool.register_message("jobworker.v1", "RemoveJobResponse", Remov
 class StartJobRequest(betterproto2.Message):
     program: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
-    The program to run: an absolute path, or a name looked up in the server's PATH. Must
-    not be empty or contain NUL characters.
+    The program to run: an absolute path, or a name the job's user looks up on the job's
+    PATH. Must not be empty or contain NUL characters.
     """
 
     args: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
