@@ -170,6 +170,7 @@ def _make_job(args: argparse.Namespace) -> job.Job:
         overlays=job.overlays([env["HOME"], cwd, *args.writable], args.disk),
         disk=args.disk,
         network=bool(args.forward),
+        report_after=job.report_after(args.timeout),
     )
 
 

@@ -31,6 +31,21 @@ fail() {
     reboot -f
 }
 
+# Every process's state, what it waits for in the kernel and its kernel stack: what a command
+# that hangs was doing when the host's timeout is near.
+report_processes() {
+    echo "vm-run: the command still runs after $JOB_REPORT_AFTER s; the guest's processes:"
+    for dir in /proc/[0-9]*; do
+        [ "$(cat "$dir/cmdline" 2>/dev/null)" ] || continue
+        echo "--- pid ${dir#/proc/}: $(tr '\0' ' ' <"$dir/cmdline" | cut -c1-300)"
+        grep -E '^(State|PPid|Threads)' "$dir/status"
+        for task in "$dir"/task/*; do
+            echo "  task ${task##*/} waits in $(cat "$task/wchan" 2>/dev/null)"
+            sed 's/^/    /' "$task/stack" 2>/dev/null
+        done
+    done
+}
+
 # Print the /dev path of the virtio port with the given name; waits for it to appear.
 find_port() {
     tries=0
@@ -138,8 +153,14 @@ stage2() {
     # The command's own shell redirects its stdio: a redirection here would also catch this
     # shell's "Killed" notice when a signal ends the command.
     redirect="</dev/null >$out_port 2>$err_port"
+    reporter=
+    if [ "${JOB_REPORT_AFTER:-0}" -gt 0 ]; then
+        (sleep "$JOB_REPORT_AFTER" && report_processes >"$err_port" 2>&1) &
+        reporter=$!
+    fi
     env -i "$RUN/busybox" sh -c ". $RUN/env.sh && exec \"\$@\" $redirect" vm-run "$@"
     echo "exit $?" >"$STATUS_PORT"
+    [ -z "$reporter" ] || kill "$reporter" 2>/dev/null
     sync
     poweroff -f
     reboot -f
