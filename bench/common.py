@@ -38,10 +38,11 @@ class Mode:
     follow_lines: int  # timestamped lines, one every 10 ms
     scale_jobs: int  # concurrent sleeping jobs, and as many followers
     idle_seconds: float  # window for the idle followers' CPU use
+    cli_runs: int  # runs of each CLI command (and as many of the bare interpreter)
 
 
-QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0)
-FULL = Mode("full", 1000, 256, 3, 16, 1000, 1000, 10.0)
+QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0, 10)
+FULL = Mode("full", 1000, 256, 3, 16, 1000, 1000, 10.0, 40)
 
 
 def _job_python() -> str:

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import follow, isolation, output_cap, scale, start, throughput
+from bench import cli, follow, isolation, output_cap, scale, start, throughput
 from bench.common import FULL, QUICK, Context, Section
 from bench.proc import MachineCpu, raise_nofile
 from bench.report import background_note, machine, markdown_table, plot, text_table, write_json
@@ -32,6 +32,7 @@ SECTIONS: dict[str, Measure] = {
     "follow": follow.measure,
     "output_cap": output_cap.measure,
     "scale": scale.measure,
+    "cli": cli.measure,
 }
 
 

@@ -63,6 +63,54 @@ def test_version() -> None:
     assert (shown.returncode, shown.stdout.decode().split()[-1]) == (0, __version__)
 
 
+# What a client command must not load: the server, the worker and its cgroup code, the PKI
+# builder, and pydantic (typer and betterproto2 would each load it, for about 70 ms).
+_NOT_FOR_CLIENTS = (
+    "jobworker.server",
+    "jobworker.worker",
+    "jobworker.certs",
+    "cryptography",
+    "asyncinotify",
+    "pydantic",
+)
+
+
+# Runs the CLI with the given words and prints the modules it loaded when it exits.
+_REPORT_MODULES = """
+import atexit, sys
+def report():
+    loaded = sorted(name for name, module in sys.modules.items() if module is not None)
+    print("LOADED", *loaded, file=sys.stderr)
+atexit.register(report)
+sys.argv = ["jobworker", *sys.argv[1:]]
+from jobworker.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("words", [("--help",), ("status", "{job}"), ("list", "-q")])
+def test_client_commands_load_no_server_pki_or_pydantic_code(
+    served: Served, words: tuple[str, ...]
+) -> None:
+    job = served.start("true")
+    args = [word.replace("{job}", job) for word in words]
+    done = subprocess.run(
+        [JOBWORKER[0], "-c", _REPORT_MODULES, *args],
+        env=served.env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    report = done.stderr.decode().rpartition("LOADED ")[2].split()
+    assert "typer" in report, "the report was read"
+    assert [m for m in report if m.startswith(_NOT_FOR_CLIENTS)] == []
+    if words[0] == "--help":
+        assert "grpclib.client" not in report, "help needs no gRPC client"
+    else:
+        assert "jobworker.client.client" in report
+
+
 def test_logs_prints_what_is_there_and_the_tail(served: Served) -> None:
     job = served.start("sh", "-c", "for i in 1 2 3 4 5; do echo $i; done; sleep 60")
     assert served.cli("wait", "--timeout", "0.5", job).returncode == 1  # still running
@@ -90,6 +138,12 @@ def test_list_filters_and_quiet_ids_and_json_on_start_and_stop(served: Served) -
     assert served.cli("wait", done).returncode == 0
     quiet = served.cli("list", "-q", "--state", "running")
     assert quiet.stdout.decode().split() == [running]
+    both = served.cli("list", "-q", "--state", "running", "--state", "completed")
+    assert sorted(both.stdout.decode().split()) == sorted([running, done])
+    bogus = served.cli("list", "--state", "bogus")
+    assert bogus.returncode == 2 and bogus.stdout == b""
+    assert bogus.stderr.decode().count("\n") == 1, "one line"
+    assert "'bogus' is not one of 'running', 'completed'" in bogus.stderr.decode()
     started = served.cli("start", "--json", "--", "true")
     assert json.loads(started.stdout)["state"] == "running"
     stopped = served.cli("stop", "--json", running)

@@ -35,6 +35,11 @@ def command_name(args: Sequence[str]) -> str | None:
 
 def main() -> None:
     """The ``jobworker`` command."""
+    if sys.argv[1:] == ["--version"]:  # without loading the CLI: scripts ask this often
+        from jobworker import __version__  # noqa: PLC0415 - the package alone
+
+        print(f"jobworker {__version__}")
+        return
     command = command_name(sys.argv[1:])
     if command == "serve":
         from jobworker.server.signals import hold_stop_signals  # noqa: PLC0415 - cheap first

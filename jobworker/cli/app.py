@@ -6,8 +6,6 @@ Client commands import nothing of the server, the worker or the PKI builder: tho
 are inside ``serve`` and ``certs``.
 """
 
-from __future__ import annotations
-
 import enum
 import json
 import logging
@@ -27,10 +25,14 @@ from typer.core import TyperOption as ClickOption
 from typer.exceptions import Abort
 
 from jobworker import __version__
-from jobworker.cli import certs
+from jobworker.cli import certs, coerce
 from jobworker.cli.render import status_json, status_lines, status_table
-from jobworker.client import DEFAULT_RECONNECT_FOR, DEFAULT_SERVER, Client
-from jobworker.client.config import default_data_dir, parse_timeout
+from jobworker.client.config import (
+    DEFAULT_RECONNECT_FOR,
+    DEFAULT_SERVER,
+    default_data_dir,
+    parse_timeout,
+)
 from jobworker.errors import ConfigError, CredentialsError, JobworkerError
 from jobworker.models import (
     JobState,
@@ -44,7 +46,7 @@ from jobworker.models import (
 )
 
 if TYPE_CHECKING:
-    from jobworker.client import OutputReader
+    from jobworker.client import Client, OutputReader
 
 __all__ = ["app", "default_data_dir", "main"]
 
@@ -110,6 +112,7 @@ class _Group(TyperGroup):
 
 
 _PASSTHROUGH_COMMANDS = frozenset({"start", "run"})
+_HELP_OPTIONS = ["-h", "--help"]
 
 app = typer.Typer(
     name="jobworker",
@@ -118,7 +121,7 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": _HELP_OPTIONS},
 )
 app.add_typer(certs.app, name="certs")
 
@@ -204,7 +207,9 @@ def _global_options(
     ctx.obj = _ClientOptions(server, cert, key, ca, timeout)
 
 
-def _client(ctx: typer.Context, reconnect_for: float = DEFAULT_RECONNECT_FOR) -> Client:
+def _client(ctx: typer.Context, reconnect_for: float = DEFAULT_RECONNECT_FOR) -> "Client":
+    from jobworker.client import Client  # noqa: PLC0415 - gRPC and messages: only when calling
+
     options = ctx.find_object(_ClientOptions)
     assert options is not None  # set by the group's callback
     settings: dict[str, Any] = {"reconnect_for": reconnect_for}
@@ -221,7 +226,7 @@ def _client(ctx: typer.Context, reconnect_for: float = DEFAULT_RECONNECT_FOR) ->
 
 def with_client(
     ctx: typer.Context,
-    fn: Callable[[Client], Awaitable[T]],
+    fn: Callable[["Client"], Awaitable[T]],
     reconnect_for: float = DEFAULT_RECONNECT_FOR,
 ) -> T:
     """Run ``fn`` with a connected client built from the global options; errors as one line."""
@@ -234,7 +239,7 @@ def with_client(
     return _run(go)
 
 
-async def _job_id(client: Client, text: str) -> str:
+async def _job_id(client: "Client", text: str) -> str:
     """A job id from a full id or a unique prefix of one (as ``list`` shows them)."""
     if len(text) >= 36 or not text or text.strip("0123456789abcdefABCDEF-"):
         return text  # a whole id, or not an id at all: the server says which
@@ -343,7 +348,7 @@ def _encodable(command: list[str]) -> list[str]:
 
 
 async def _start(
-    client: Client, command: list[str], limits: Limits, placement: _Placement
+    client: "Client", command: list[str], limits: Limits, placement: _Placement
 ) -> JobStatus:
     return await client.start(
         command[0],
@@ -403,7 +408,7 @@ def start(
     placement = _placement(env, cwd, user, network, max_output)
     command = _encodable(command)
 
-    async def go(client: Client) -> JobStatus:
+    async def go(client: "Client") -> JobStatus:
         return await _start(client, command, limits, placement)
 
     started = with_client(ctx, go)
@@ -417,7 +422,7 @@ def start(
 def stop(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> None:
     """Stop a job: SIGTERM, a grace period, then SIGKILL to its whole process tree."""
 
-    async def go(client: Client) -> JobStatus:
+    async def go(client: "Client") -> JobStatus:
         full_id = await _job_id(client, job_id)
         typer.echo(
             f"stopping job {full_id}: SIGTERM now, SIGKILL after the server's grace period",
@@ -432,7 +437,7 @@ def stop(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> None
 def status(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> None:
     """Show a job's status."""
 
-    async def go(client: Client) -> JobStatus:
+    async def go(client: "Client") -> JobStatus:
         return await client.status(await _job_id(client, job_id))
 
     _print_status(with_client(ctx, go), json_output)
@@ -445,7 +450,7 @@ def remove(
 ) -> None:
     """Remove ended jobs: their records, output and working directories."""
 
-    async def go(client: Client) -> None:
+    async def go(client: "Client") -> None:
         for text in job_ids:
             removed = await client.remove(await _job_id(client, text))
             typer.echo(removed.id)
@@ -515,7 +520,7 @@ def _gap_line(chunk: OutputChunk) -> None:
     )
 
 
-async def _copy_rest(output: OutputReader) -> None:
+async def _copy_rest(output: "OutputReader") -> None:
     """Copy the output to stdout until the job ends; each gap is one line on stderr."""
     while (chunk := await output.next_chunk()) is not None:
         if chunk.dropped:
@@ -524,7 +529,7 @@ async def _copy_rest(output: OutputReader) -> None:
             _write(chunk.data)
 
 
-async def _copy_output(client: Client, job_id: str, offset: int) -> None:
+async def _copy_output(client: "Client", job_id: str, offset: int) -> None:
     async with client.output(job_id, offset) as output:
         await _copy_rest(output)
 
@@ -538,7 +543,7 @@ def stream(
 ) -> None:
     """Write a job's output to stdout, from the start (or --offset), until the job ends."""
 
-    async def go(client: Client) -> None:
+    async def go(client: "Client") -> None:
         await _copy_output(client, await _job_id(client, job_id), offset)
 
     with_client(ctx, go, reconnect_for)
@@ -548,7 +553,7 @@ def stream(
 _LOGS_SETTLE = 0.25
 
 
-async def _settled_chunk(output: OutputReader) -> bytes | None:
+async def _settled_chunk(output: "OutputReader") -> bytes | None:
     """The next chunk, or None once the job ended or nothing more came for a moment."""
     with anyio.move_on_after(_LOGS_SETTLE):
         chunk = await output.next_chunk()
@@ -572,7 +577,7 @@ def logs(
 ) -> None:
     """Print a job's output so far and exit; with -f, follow it until the job ends."""
 
-    async def go(client: Client) -> None:
+    async def go(client: "Client") -> None:
         lines: deque[bytes] = deque(maxlen=tail)
         pending = b""
         async with client.output(await _job_id(client, job_id)) as output:
@@ -604,7 +609,7 @@ def wait(
 ) -> None:
     """Wait until the jobs have ended; exit with the last one's exit code (128+signal)."""
 
-    async def go(client: Client) -> int:
+    async def go(client: "Client") -> int:
         code = 0
         with anyio.fail_after(timeout) if timeout is not None else _no_limit():
             for text in job_ids:
@@ -652,7 +657,7 @@ def run(
     command = _encodable(command)
     started: list[str] = []
 
-    async def go(client: Client) -> int:
+    async def go(client: "Client") -> int:
         job = await _start(client, command, limits, placement)
         started.append(job.id)
         await _copy_output(client, job.id, 0)
@@ -899,6 +904,7 @@ def _server_tls(
 def main(args: Sequence[str] | None = None) -> None:
     """Run the command line; a usage error is one ``error:`` line and exit code 2."""
     command = typer.main.get_command(app)
+    coerce.install(command, _HELP_OPTIONS)
     try:
         code = command.main(args, prog_name="jobworker", standalone_mode=False)
     except NoArgsIsHelpError as exc:

@@ -39,7 +39,9 @@ from jobworker._proto.jobworker import v1 as pb
 from jobworker._proto_convert import chunk_from_proto, spec_to_proto, status_from_proto
 from jobworker.client.channel import open_channel
 from jobworker.client.config import (
+    DEFAULT_RECONNECT_FOR,
     DEFAULT_SERVER,
+    DEFAULT_STOP_GRACE,
     DEFAULT_TIMEOUT,
     ClientFiles,
     parse_target,
@@ -57,18 +59,13 @@ from jobworker.errors import (
 )
 from jobworker.models import JobSpec, JobStatus, Limits, Network, OutputChunk
 
-__all__ = ["DEFAULT_RECONNECT_FOR", "DEFAULT_STOP_GRACE", "Client", "OutputReader"]
+__all__ = ["Client", "OutputReader"]
 
 T = TypeVar("T")
 StrPath = str | os.PathLike[str]
 
 _STREAM_PATH = "/jobworker.v1.Worker/StreamJobOutput"
 
-#: Seconds a stop may take beyond the call's timeout: the longest grace period (SIGTERM to
-#: SIGKILL) of the servers this client waits out; a server's default is 10.
-DEFAULT_STOP_GRACE: Final = 60.0
-#: Seconds an output stream keeps trying to reconnect after its server went away.
-DEFAULT_RECONNECT_FOR: Final = 30.0
 
 # Past any output a job can have: a stream from here ends, without a chunk, when the job does.
 _PAST_ANY_OUTPUT: Final = 1 << 62

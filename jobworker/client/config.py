@@ -21,7 +21,9 @@ from jobworker.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PORT",
+    "DEFAULT_RECONNECT_FOR",
     "DEFAULT_SERVER",
+    "DEFAULT_STOP_GRACE",
     "DEFAULT_TIMEOUT",
     "ClientFiles",
     "default_data_dir",
@@ -34,6 +36,11 @@ DEFAULT_PORT: Final = 50051
 DEFAULT_SERVER: Final = f"127.0.0.1:{DEFAULT_PORT}"
 #: Seconds a call may take to answer (a stream: to connect and send its request).
 DEFAULT_TIMEOUT: Final = 10.0
+#: Seconds a stop may take beyond the call's timeout: the longest grace period (SIGTERM to
+#: SIGKILL) of the servers this client waits out; a server's default is 10.
+DEFAULT_STOP_GRACE: Final = 60.0
+#: Seconds an output stream keeps trying to reconnect after its server went away.
+DEFAULT_RECONNECT_FOR: Final = 30.0
 
 # The names `jobworker certs init` gives these files (jobworker.certs.PkiPaths).
 _ADMIN_CERT: Final = "admin.pem"
