@@ -152,10 +152,13 @@ stage2() {
     echo booted >"$STATUS_PORT"
     # The command's own shell redirects its stdio: a redirection here would also catch this
     # shell's "Killed" notice when a signal ends the command.
-    redirect="</dev/null >$out_port 2>$err_port"
+    # A virtio port opens once at a time: the command and the reporter share this shell's
+    # descriptor 4 for stderr (the command itself gets it as 2 only).
+    exec 4>"$err_port"
+    redirect="</dev/null >$out_port 2>&4 4>&-"
     reporter=
     if [ "${JOB_REPORT_AFTER:-0}" -gt 0 ]; then
-        (sleep "$JOB_REPORT_AFTER" && report_processes >"$err_port" 2>&1) &
+        (sleep "$JOB_REPORT_AFTER" && report_processes >&4 2>&1) &
         reporter=$!
     fi
     env -i "$RUN/busybox" sh -c ". $RUN/env.sh && exec \"\$@\" $redirect" vm-run "$@"
