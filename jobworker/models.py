@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -97,6 +97,21 @@ LIMIT_CONTROLLERS: Final[dict[str, str]] = {
     "io_read_bps": "io",
     "io_write_bps": "io",
 }
+
+
+# The option that sets each limit, on `jobworker start` and in `serve --default-*/--max-*`.
+LIMIT_OPTIONS: Final[dict[str, str]] = {
+    "memory_bytes": "--memory",
+    "cpu_millis": "--cpus",
+    "pids": "--pids-limit",
+    "io_read_bps": "--io-read-bps",
+    "io_write_bps": "--io-write-bps",
+}
+
+
+def limit_options(names: Iterable[str]) -> str:
+    """Limit field names as the options that set them: ``--cpus, --memory``."""
+    return ", ".join(sorted(LIMIT_OPTIONS.get(name, name) for name in names))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -369,7 +370,9 @@ async def test_an_explicit_limit_the_host_cannot_enforce_is_refused(worker: Work
     if not missing:
         pytest.skip("every controller is available here")
     valid = {"memory_bytes": 1 << 24, "cpu_millis": 500, "pids": 10}
-    with pytest.raises(LimitNotEnforceable, match=missing[0]):
+    option = {"memory_bytes": "--memory", "cpu_millis": "--cpus", "pids": "--pids-limit"}
+    # Named as the user wrote it, not by the wire's field name.
+    with pytest.raises(LimitNotEnforceable, match=f"cannot enforce {option[missing[0]]}:"):
         await worker.start(JobSpec("true", limits=Limits(**{missing[0]: valid[missing[0]]})))
     assert worker.list() == [] and job_cgroups(worker) == [] and log_files(worker) == []
 
@@ -419,3 +422,16 @@ async def test_a_start_that_fails_on_the_host_rolls_back(worker: Worker) -> None
         assert job_cgroups(worker) == [], "no cgroup"
     finally:
         logs.mkdir()
+
+
+async def test_the_start_warning_names_the_limits_by_their_options(
+    config: WorkerConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="jobworker"):
+        async with Worker(config) as worker:
+            missing = {"memory_bytes", "cpu_millis", "pids"} - worker.enforceable_limits
+    if not missing:
+        pytest.skip("every controller is available here")
+    (warning,) = [r.getMessage() for r in caplog.records if "cannot be enforced" in r.getMessage()]
+    assert "--memory" in warning if "memory_bytes" in missing else "--memory" not in warning
+    assert "memory_bytes" not in warning and "cpu_millis" not in warning

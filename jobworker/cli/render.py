@@ -12,7 +12,7 @@ import signal
 from datetime import UTC, datetime
 from typing import Any
 
-from jobworker.models import JobStatus, Limits, format_cpus, format_size
+from jobworker.models import LIMIT_OPTIONS, JobStatus, Limits, format_cpus, format_size
 
 __all__ = ["status_json", "status_lines", "status_table"]
 
@@ -63,13 +63,16 @@ def _command(status: JobStatus) -> str:
     return shlex.join([status.program, *status.args])
 
 
-# How each limit is named and written on the command line (start's options).
+# How each limit's value is written on the command line (start's options).
 _LIMIT_FORMS: dict[str, tuple[str, Any]] = {
-    "memory_bytes": ("memory", format_size),
-    "cpu_millis": ("cpus", format_cpus),
-    "pids": ("pids-limit", str),
-    "io_read_bps": ("io-read-bps", format_size),
-    "io_write_bps": ("io-write-bps", format_size),
+    name: (LIMIT_OPTIONS[name].removeprefix("--"), form)
+    for name, form in [
+        ("memory_bytes", format_size),
+        ("cpu_millis", format_cpus),
+        ("pids", str),
+        ("io_read_bps", format_size),
+        ("io_write_bps", format_size),
+    ]
 }
 
 

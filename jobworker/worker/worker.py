@@ -58,6 +58,7 @@ from jobworker.models import (
     Limits,
     Network,
     format_size,
+    limit_options,
     new_job_id,
     parse_job_id,
 )
@@ -206,7 +207,7 @@ class Worker:
             log.warning(
                 "these limits cannot be enforced here: %s (cgroup controllers not available "
                 "under %s: %s%s); jobs still run, contained and killable, without them",
-                ", ".join(missing),
+                limit_options(missing),
                 self._cgroups.root,
                 ", ".join(c for c in controllers if c not in self._cgroups.controllers) or "-",
                 "; no block device for I/O limits" if self._io_device is None else "",
@@ -659,8 +660,8 @@ class Worker:
         unavailable = sorted(set(requested.items()) - self._enforceable)
         if unavailable:
             raise LimitNotEnforceable(
-                f"this host cannot enforce {', '.join(unavailable)}: the cgroup controller is "
-                "not available to the worker; leave these limits out to run without them"
+                f"this host cannot enforce {limit_options(unavailable)}: the cgroup controller "
+                "is not available to the worker; leave these limits out to run without them"
             )
         limits = requested.over(self.config.default_limits)
         if over := limits.exceeding(self.config.max_limits):
