@@ -184,3 +184,29 @@ def test_a_listener_that_never_speaks_tls_times_out(served: Served) -> None:
         refused = served.cli("--timeout", "1", "list", env=env)
     assert refused.returncode == 1 and refused.stderr.startswith(b"error: ")
     assert time.monotonic() - began < 30, "the CLI gave up on its own"
+
+
+def _complete(served: Served, words: str, env: dict[str, str] | None = None) -> list[str]:
+    """What bash completion offers for the last of ``words`` (a ``jobworker`` command line)."""
+    env = {
+        **(env or served.env),
+        "_JOBWORKER_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split(" ")) - 1),
+    }
+    done = served.cli(env=env)
+    assert (done.returncode, done.stderr) == (0, b"")
+    return done.stdout.decode().split()
+
+
+def test_the_shell_completes_job_ids_from_the_server(served: Served) -> None:
+    first = served.start("sleep", "60")
+    second = served.start("true")
+    assert sorted(_complete(served, "jobworker status ")) == sorted([first, second])
+    assert _complete(served, f"jobworker stop {first[:4]}") == [first]
+    assert second in _complete(served, f"jobworker wait {first[:8]} ")
+    assert _complete(served, "jobworker logs zzz") == []
+    # A server that cannot be reached: nothing to offer, and no error in the user's prompt.
+    env = {**served.env, "JOBWORKER_SERVER": f"127.0.0.1:{free_port()}"}
+    assert _complete(served, "jobworker status ", env) == []
+    served.cli("stop", first)

@@ -14,6 +14,7 @@ from jobworker.cli.render import (
     signal_name,
     status_json,
     status_lines,
+    status_table,
 )
 from jobworker.models import JobState, JobStatus, Limits, Usage
 
@@ -73,3 +74,44 @@ def test_status_lines_show_age_run_time_signal_and_sizes() -> None:
     document = status_json(status)
     assert document["started_at"] == "2026-11-29T09:30:00+00:00"
     assert (document["signal"], document["limits"]) == (15, {"memory_bytes": 64 << 20})
+
+
+def test_the_table_has_short_ids_ages_run_times_and_cut_commands() -> None:
+    long_args = tuple(f"argument-{i}" for i in range(10))
+    running = JobStatus(
+        id="3f2b8c1e-7d4a-4e6b-9c2d-1a5f0e9b7c34",
+        state=JobState.RUNNING,
+        owner="alice",
+        program="sleep",
+        args=long_args,
+        pid=42,
+        started_at=STARTED,
+    )
+    ended = JobStatus(
+        id="9a0b8c1e-7d4a-4e6b-9c2d-1a5f0e9b7c34",
+        state=JobState.COMPLETED,
+        owner="bob",
+        program="true",
+        args=(),
+        pid=43,
+        started_at=STARTED,
+        ended_at=STARTED + timedelta(seconds=75),
+        exit_code=0,
+    )
+    now = STARTED + timedelta(minutes=10)
+    header, first, second = status_table([running, ended], now=now)
+    assert header.split() == ["ID", "STATE", "RESULT", "OWNER", "AGE", "DURATION", "COMMAND"]
+    assert first.split()[:6] == ["3f2b8c1e", "running", "-", "alice", "10m00s", "10m00s"]
+    assert first.endswith("…") and "argument-9" not in first
+    assert second.split() == [
+        "9a0b8c1e",
+        "completed",
+        "exit",
+        "0",
+        "bob",
+        "10m00s",
+        "1m15s",
+        "true",
+    ]
+    whole = status_table([running], now=now, truncate=False)[1]
+    assert running.id in whole and whole.endswith("argument-9")

@@ -6,6 +6,7 @@ Client commands import nothing of the server, the worker or the PKI builder: tho
 are inside ``serve`` and ``certs``.
 """
 
+import contextlib
 import enum
 import json
 import logging
@@ -26,7 +27,7 @@ from typer.exceptions import Abort
 
 from jobworker import __version__
 from jobworker.cli import certs, coerce
-from jobworker.cli.render import status_json, status_lines, status_table
+from jobworker.cli.render import short_command, status_json, status_lines, status_table
 from jobworker.client.config import (
     DEFAULT_RECONNECT_FOR,
     DEFAULT_SERVER,
@@ -299,7 +300,53 @@ _ReconnectFor = Annotated[
         help="If the server goes away, keep reconnecting this long (0: never).",
     ),
 ]
-_JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="A job id or a unique prefix.")]
+# Seconds the shell's completion of a job id waits for the server before offering nothing.
+_COMPLETION_TIMEOUT = 2.0
+
+
+def _complete_job_ids(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
+    """The shell's completion of a job id: the ids of the jobs the caller may see that start
+    with what was typed, each with its state and command; nothing if the server cannot say."""
+    from jobworker.client import Client  # noqa: PLC0415 - only when completing
+
+    given = ctx.find_root().params
+    timeout = _COMPLETION_TIMEOUT
+    with contextlib.suppress(ConfigError):
+        timeout = min(parse_timeout(given.get("timeout") or "10") or timeout, timeout)
+
+    async def jobs() -> list[JobStatus]:
+        client = Client(
+            given.get("server") or DEFAULT_SERVER,
+            cert=given.get("cert"),
+            key=given.get("key"),
+            ca=given.get("ca"),
+            timeout=timeout,
+        )
+        async with client:
+            return await client.list()
+
+    try:
+        found = anyio.run(jobs, backend="asyncio")
+    except (JobworkerError, OSError):
+        return []
+    prefix = incomplete.lower()
+    return [
+        (job.id, f"{job.state.value}: {short_command(job)}")
+        for job in found
+        if job.id.startswith(prefix)
+    ]
+
+
+_JobId = Annotated[
+    str,
+    typer.Argument(
+        metavar="JOB_ID", help="A job id or a unique prefix.", autocompletion=_complete_job_ids
+    ),
+]
+_JobIds = Annotated[
+    list[str],
+    typer.Argument(metavar="JOB_ID...", show_default=False, autocompletion=_complete_job_ids),
+]
 
 
 @dataclass(frozen=True)
@@ -446,7 +493,7 @@ def status(ctx: typer.Context, job_id: _JobId, json_output: _Json = False) -> No
 @app.command("rm")
 def remove(
     ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", show_default=False)],
+    job_ids: _JobIds,
 ) -> None:
     """Remove ended jobs: their records, output and working directories."""
 
@@ -492,8 +539,12 @@ def list_jobs(
         typer.Option("--state", help="Only jobs in this state (repeatable)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the job ids.")] = False,
+    no_trunc: Annotated[
+        bool, typer.Option("--no-trunc", help="Whole ids and commands in the table.")
+    ] = False,
 ) -> None:
-    """List the jobs you may see, oldest first."""
+    """List the jobs you may see, oldest first (ids in the table are short: any unique
+    prefix of an id names its job)."""
     jobs = with_client(ctx, lambda client: client.list())
     if state:
         jobs = [job for job in jobs if job.state in state]
@@ -503,7 +554,7 @@ def list_jobs(
     elif json_output:
         typer.echo(json.dumps([status_json(j) for j in jobs], indent=2))
     else:
-        typer.echo("\n".join(status_table(jobs)))
+        typer.echo("\n".join(status_table(jobs, truncate=not no_trunc)))
 
 
 def _write(data: bytes) -> None:
@@ -601,7 +652,7 @@ def logs(
 @app.command()
 def wait(
     ctx: typer.Context,
-    job_ids: Annotated[list[str], typer.Argument(metavar="JOB_ID...", show_default=False)],
+    job_ids: _JobIds,
     timeout: Annotated[
         float | None,
         typer.Option("--timeout", metavar="SECONDS", help="Give up after this long (exit 1)."),

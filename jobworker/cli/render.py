@@ -196,17 +196,38 @@ def status_lines(status: JobStatus, now: datetime | None = None) -> list[str]:
     return [f"{key + ':':<{width + 1}} {value}" for key, value in rows]
 
 
-def status_table(jobs: list[JobStatus]) -> list[str]:
-    """One line per job under a header."""
-    header = ("ID", "STATE", "RESULT", "OWNER", "STARTED", "COMMAND")
+# The table's short ids and commands (``list --no-trunc`` shows them whole).
+SHORT_ID = 8
+COMMAND_WIDTH = 48
+
+
+def short_command(status: JobStatus, width: int = COMMAND_WIDTH) -> str:
+    """The job's command line, cut to ``width`` characters with an ellipsis."""
+    command = _command(status)
+    return command if len(command) <= width else command[: width - 1] + "…"
+
+
+def _run_time(status: JobStatus, now: datetime) -> str:
+    end = status.ended_at or now
+    return duration_text(max((end - status.started_at).total_seconds(), 0.0))
+
+
+def status_table(
+    jobs: list[JobStatus], now: datetime | None = None, truncate: bool = True
+) -> list[str]:
+    """One line per job under a header: a short id (a unique prefix in most tables; the CLI
+    takes any unique prefix), state, result, owner, age, run time so far, and command."""
+    now = now or datetime.now(UTC)
+    header = ("ID", "STATE", "RESULT", "OWNER", "AGE", "DURATION", "COMMAND")
     rows = [
         (
-            j.id,
+            j.id[:SHORT_ID] if truncate else j.id,
             j.state.value,
             _outcome(j),
             j.owner,
-            local_time(j.started_at),
-            _command(j),
+            duration_text(max((now - j.started_at).total_seconds(), 0.0)),
+            _run_time(j, now),
+            short_command(j) if truncate else _command(j),
         )
         for j in jobs
     ]
