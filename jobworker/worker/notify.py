@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 import anyio
-from asyncinotify import Inotify, Mask
+from asyncinotify import Inotify, Mask, Watch
 
 __all__ = ["FileWatcher", "Wakeup"]
 
@@ -48,10 +48,10 @@ class Wakeup:
 
 
 class _Watched:
-    __slots__ = ("path", "waiters", "wd")
+    __slots__ = ("path", "waiters", "watch")
 
-    def __init__(self, wd: int, path: Path) -> None:
-        self.wd = wd
+    def __init__(self, watch: Watch, path: Path) -> None:
+        self.watch = watch
         self.path = path
         self.waiters: set[Wakeup] = set()
 
@@ -107,10 +107,11 @@ class FileWatcher:
         if self._inotify is None:
             raise RuntimeError("FileWatcher is not running")
         waiter = waiter or Wakeup()
-        wd = self._inotify.add_watch(path, _MASK).wd
+        watch = self._inotify.add_watch(path, _MASK)
+        wd = watch.wd
         watched = self._by_wd.get(wd)
         if watched is None:
-            watched = self._by_wd[wd] = _Watched(wd, path)
+            watched = self._by_wd[wd] = _Watched(watch, path)
         watched.waiters.add(waiter)
         try:
             yield waiter
@@ -118,16 +119,9 @@ class FileWatcher:
             watched.waiters.discard(waiter)
             if not watched.waiters and self._by_wd.get(wd) is watched:
                 del self._by_wd[wd]
-                self._remove_kernel_watch(wd)
-
-    def _remove_kernel_watch(self, wd: int) -> None:
-        assert self._inotify is not None
-        for watch in self._inotify.watches:
-            if watch.wd == wd:
                 # OSError: the file is already gone, and the kernel dropped the watch.
                 with contextlib.suppress(OSError):
-                    self._inotify.rm_watch(watch)
-                return
+                    self._inotify.rm_watch(watched.watch)
 
     async def _dispatch(self) -> None:
         assert self._inotify is not None
