@@ -249,7 +249,7 @@ async def test_a_limit_the_host_cannot_enforce_is_failed_precondition(
     if "memory" in (tests_cgroup / "cgroup.subtree_control").read_text().split():
         pytest.skip("the memory controller is available here")
     async with connect("admin") as admin:
-        with pytest.raises(FailedPrecondition, match="memory_bytes"):
+        with pytest.raises(FailedPrecondition, match="cannot enforce --memory:"):
             await admin.start("true", limits=Limits(memory_bytes=64 << 20))
         assert await admin.list() == []
 
