@@ -141,6 +141,7 @@ def bench(session: nox.Session) -> None:
     non-zero only when something breaks, never on a timing. See docs/performance.md.
     """
     # Installed as users install it (not editable): the CLI rows time whole processes, and an
-    # editable install's import hook would add its own start-up cost to each.
-    session.install(".", "matplotlib")
+    # editable install's import hook would add its own start-up cost to each. The bench extra
+    # is grpcio, for the grpcio peer that the throughput and latency rows are compared with.
+    session.install(".[bench]", "matplotlib")
     session.run("python", "-m", "bench", *session.posargs)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench.server import ServerProcess, Workspace
+from bench.server import PeerProcess, ServerProcess, Workspace
 from jobworker.worker import WorkerConfig
 
 T = TypeVar("T")
@@ -76,10 +76,17 @@ class Context:
             nofile=self.server_nofile,
         )
 
+    def peer(self, name: str) -> PeerProcess:
+        """The grpcio peer (bench/grpcio_peer.py), with the server's chunk size."""
+        return PeerProcess(
+            self.workspace, name, python=self.python, chunk_size=self.effective_chunk
+        )
+
 
 @dataclass(frozen=True)
 class Row:
-    """One number, and the baseline it is compared with (measured in the same run)."""
+    """One number, the baseline it is compared with, and the same number measured against
+    the grpcio peer (bench/grpcio_peer.py), all in the same run."""
 
     section: str
     metric: str
@@ -88,12 +95,22 @@ class Row:
     baseline: float | None = None
     baseline_name: str = ""
     note: str = ""
+    grpcio: float | None = None
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline is None or not self.baseline or math.isnan(self.baseline):
-            return None
-        return self.value / self.baseline
+        return _ratio(self.value, self.baseline)
+
+    @property
+    def vs_grpcio(self) -> float | None:
+        """jobworker / grpcio: above 1 is better for MiB/s, below 1 for ms and CPU."""
+        return _ratio(self.value, self.grpcio)
+
+
+def _ratio(value: float, other: float | None) -> float | None:
+    if other is None or not other or math.isnan(other):
+        return None
+    return value / other
 
 
 @dataclass
@@ -113,8 +130,9 @@ class Section:
         baseline: float | None = None,
         baseline_name: str = "",
         note: str = "",
+        grpcio: float | None = None,
     ) -> None:
-        self.rows.append(Row(self.name, metric, value, unit, baseline, baseline_name, note))
+        self.rows.append(Row(self.name, metric, value, unit, baseline, baseline_name, note, grpcio))
 
 
 async def bounded(limit: int, calls: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:

@@ -5,6 +5,8 @@ started (so the follower is attached and waiting); both processes read the same
 CLOCK_REALTIME. jobworker: a client follows the job over gRPC. Baseline: a second ticker
 job's log file followed directly in this process, woken by inotify (watch first, then read to
 the end after every event) — what the kernel's notification costs without gRPC or TLS.
+grpcio: a third ticker, started by the grpcio peer (``grpcio_peer.py``) and followed through
+it with the same client.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 from asyncinotify import Inotify, Mask
 
 from bench.common import TICKER_SOURCE, Context, Section
-from bench.proc import self_cpu
+from bench.proc import sample, self_cpu
 from bench.server import BenchError
 from bench.stats import percentile
+from jobworker.client import Client
 
 PERIOD = 0.01
 DELAY = 1.0  # before the first line: the follower is attached and waiting by then
@@ -59,28 +62,47 @@ async def _follow_file(path: Path, count: int) -> list[float]:
             os.close(fd)
 
 
+async def _follow_job(
+    client: Client, pid: int, program: str, args: list[str], count: int, limit: float
+) -> tuple[list[float], float, float]:
+    """Start a ticker and follow it to its end; (delays in ms, CPU % of process ``pid`` and
+    of this process meanwhile)."""
+    lines = _Lines()
+    job = await client.start(program, args)
+    s0, c0, t0 = sample(pid).cpu_s, self_cpu(), time.perf_counter()
+    async with asyncio.timeout(limit), client.output(job.id) as output:
+        async for data in output:
+            lines.feed(data, time.time_ns())
+    wall = time.perf_counter() - t0
+    s1, c1 = sample(pid).cpu_s, self_cpu()
+    if len(lines.delays_ms) != count:
+        raise BenchError(f"the follower got {len(lines.delays_ms)} lines, not {count}")
+    return lines.delays_ms, (s1 - s0) / wall * 100, (c1 - c0) / wall * 100
+
+
 async def measure(ctx: Context, out: Section) -> None:
     count = ctx.mode.follow_lines
     # The script travels as an argument: a job sees none of the host's /tmp, where a
     # checkout may live.
     args = ["-I", "-c", TICKER_SOURCE, str(count), str(PERIOD), str(DELAY)]
     timeout = DELAY + count * PERIOD * 3 + 10
-    async with ctx.server("follow") as server, server.client() as client:
-        lines = _Lines()
-        job = await client.start(ctx.job_python, args)
-        s0, c0, t0 = server.sample().cpu_s, self_cpu(), time.perf_counter()
-        async with asyncio.timeout(timeout), client.output(job.id) as output:
-            async for data in output:
-                lines.feed(data, time.time_ns())
-        wall = time.perf_counter() - t0
-        s1, c1 = server.sample().cpu_s, self_cpu()
-        jobworker = lines.delays_ms
-        if len(jobworker) != count:
-            raise BenchError(f"the follower got {len(jobworker)} lines, not {count}")
+    async with (
+        ctx.server("follow") as server,
+        ctx.peer("follow") as peer,
+        server.client() as client,
+        peer.client() as peer_client,
+    ):
+        jobworker, server_cpu, client_cpu = await _follow_job(
+            client, server.pid, ctx.job_python, args, count, timeout
+        )
 
         job = await client.start(ctx.job_python, args)
         async with asyncio.timeout(timeout):
             baseline = await _follow_file(server.log_file(job.id), count)
+
+        grpcio, peer_cpu, peer_client_cpu = await _follow_job(
+            peer_client, peer.pid, ctx.job_python, args, count, timeout
+        )
     base = "inotify + read, in process"
     for q in (50, 99):
         out.add(
@@ -89,19 +111,24 @@ async def measure(ctx: Context, out: Section) -> None:
             "ms",
             percentile(baseline, q),
             base,
+            grpcio=percentile(grpcio, q),
         )
-    out.add("follow delay max", max(jobworker), "ms", max(baseline), base)
+    out.add("follow delay max", max(jobworker), "ms", max(baseline), base, grpcio=max(grpcio))
     out.add(
         "CPU while following",
-        (s1 - s0) / wall * 100,
+        server_cpu,
         "%",
-        note=f"server; client {(c1 - c0) / wall * 100:.1f}%; one 20-byte line per 10 ms",
+        note=f"server; client {client_cpu:.1f}% (grpcio: {peer_client_cpu:.1f}%); "
+        "one 20-byte line per 10 ms",
+        grpcio=peer_cpu,
     )
     out.data = {
         "lines": count,
         "period_s": PERIOD,
         "jobworker_ms": {q: percentile(jobworker, q) for q in (50, 90, 99, 100)},
         "baseline_ms": {q: percentile(baseline, q) for q in (50, 90, 99, 100)},
+        "grpcio_ms": {q: percentile(grpcio, q) for q in (50, 90, 99, 100)},
         "jobworker_delays_ms": jobworker,
         "baseline_delays_ms": baseline,
+        "grpcio_delays_ms": grpcio,
     }

@@ -73,7 +73,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _cells(row: Row) -> list[str]:
-    ratio = row.ratio
+    ratio, vs_grpcio = row.ratio, row.vs_grpcio
     return [
         row.section,
         row.metric,
@@ -81,11 +81,24 @@ def _cells(row: Row) -> list[str]:
         f"{_fmt(row.baseline)} {row.unit}" if row.baseline is not None else "",
         f"{ratio:.2f}x" if ratio is not None else "",
         row.baseline_name,
+        f"{_fmt(row.grpcio)} {row.unit}" if row.grpcio is not None else "",
+        f"{vs_grpcio:.2f}x" if vs_grpcio is not None else "",
         row.note,
     ]
 
 
-_HEADER = ["section", "metric", "jobworker", "baseline", "ratio", "baseline is", "notes"]
+# "grpcio" is the same measurement against the grpcio peer (bench/grpcio_peer.py).
+_HEADER = [
+    "section",
+    "metric",
+    "jobworker",
+    "baseline",
+    "ratio",
+    "baseline is",
+    "grpcio",
+    "vs grpcio",
+    "notes",
+]
 
 
 def text_table(sections: Sequence[Section]) -> str:
@@ -135,6 +148,8 @@ def write_json(path: Path, mode: str, info: dict[str, object], sections: Sequenc
                         "baseline": r.baseline,
                         "baseline_name": r.baseline_name,
                         "ratio": r.ratio,
+                        "grpcio": r.grpcio,
+                        "vs_grpcio": r.vs_grpcio,
                         "note": r.note,
                     }
                     for r in s.rows
@@ -155,6 +170,9 @@ def _row(sections: Sequence[Section], section: str, metric: str) -> Row | None:
     return None
 
 
+GRPCIO_COLOR = "#ff7f0e"
+
+
 def plot(path: Path, title: str, sections: Sequence[Section]) -> bool:
     """The throughput and latency results as a PNG; False if matplotlib is not installed."""
     try:
@@ -164,25 +182,27 @@ def plot(path: Path, title: str, sections: Sequence[Section]) -> bool:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), layout="constrained")
+    fig, axes = plt.subplots(
+        1, 3, figsize=(16, 4.8), layout="constrained", gridspec_kw={"width_ratios": [1.7, 1, 1]}
+    )
     fig.suptitle(title, fontsize=10)
     jw_color, base_color = "#1f77b4", "#aaaaaa"
 
     # Throughput.
     ax = axes[0]
     bars: list[tuple[str, float, str]] = []
-    for metric, label in (
-        ("1 client, live", "jobworker\n1 client, live"),
-        ("1 client, finished job", "jobworker\n1 client"),
-    ):
-        r = _row(sections, "throughput", metric)
-        if r is not None:
-            bars.append((label, r.value, jw_color))
     clients = next(
         (r for s in sections for r in s.rows if r.metric.endswith("clients, aggregate")), None
     )
-    if clients is not None:
-        bars.append(("jobworker\n" + clients.metric.replace(", ", "\n"), clients.value, jw_color))
+    for r, label in (
+        (_row(sections, "throughput", "1 client, live"), "1 client, live"),
+        (_row(sections, "throughput", "1 client, finished job"), "1 client"),
+        (clients, clients.metric.replace(", ", "\n") if clients else ""),
+    ):
+        if r is not None:
+            bars.append(("jobworker\n" + label, r.value, jw_color))
+            if r.grpcio is not None:
+                bars.append(("grpcio\n" + label, r.grpcio, GRPCIO_COLOR))
     tls = _row(sections, "throughput", "plain TLS 1.3 socket")
     if tls is not None:
         bars.append(("plain TLS\nsocket", tls.value, base_color))
@@ -206,23 +226,30 @@ def plot(path: Path, title: str, sections: Sequence[Section]) -> bool:
 def _latency_panel(
     ax: Axes, sections: Sequence[Section], section: str, prefix: str, title: str
 ) -> None:
-    labels, jw, base = [], [], []
+    labels, jw, grpcio, base = [], [], [], []
     for q in ("p50", "p99"):
         r = _row(sections, section, f"{prefix} {q}")
         if r is not None:
             labels.append(q)
             jw.append(r.value)
+            grpcio.append(r.grpcio if r.grpcio is not None else math.nan)
             base.append(r.baseline if r.baseline is not None else math.nan)
-    width = 0.38
-    xs = range(len(labels))
-    ax.bar([x - width / 2 for x in xs], jw, width, label="jobworker", color="#1f77b4")
     baseline_name = next(
         (r.baseline_name for s in sections for r in s.rows if s.name == section), "baseline"
     )
-    ax.bar([x + width / 2 for x in xs], base, width, label=baseline_name, color="#aaaaaa")
-    for x, (a, b) in enumerate(zip(jw, base, strict=True)):
-        ax.annotate(f"{a:.2f}", (x - width / 2, a), ha="center", va="bottom", fontsize=8)
-        ax.annotate(f"{b:.2f}", (x + width / 2, b), ha="center", va="bottom", fontsize=8)
+    width = 0.27
+    xs = range(len(labels))
+    for shift, values, label, color in (
+        (-width, jw, "jobworker", "#1f77b4"),
+        (0.0, grpcio, "grpcio peer", GRPCIO_COLOR),
+        (width, base, baseline_name, "#aaaaaa"),
+    ):
+        ax.bar([x + shift for x in xs], values, width, label=label, color=color)
+        for x, value in enumerate(values):
+            if not math.isnan(value):
+                ax.annotate(
+                    f"{value:.2f}", (x + shift, value), ha="center", va="bottom", fontsize=7
+                )
     ax.set_xticks(list(xs), labels)
     ax.set_title(title)
     ax.legend(fontsize=8)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +28,7 @@ from jobworker.certs import PkiPaths, init_pki
 from jobworker.client import Client
 from jobworker.worker.cgroup import find_cgroup2_mount
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 _SERVING = re.compile(r"serving on \S+:(\d+)")
 _START_TIMEOUT = 30.0
 _STOP_TIMEOUT = 60.0
@@ -220,3 +222,125 @@ class ServerProcess:
                 self.workspace.logs.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(self.log_path, self.workspace.logs / self.log_path.name)
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a process that leads its own session, and every job it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class PeerProcess:
+    """``python -m bench.grpcio_peer`` (grpcio's C core) on 127.0.0.1 with the server's
+    certificate, key and client CA, in a process of its own, as :class:`ServerProcess` runs
+    jobworker. Its jobs' logs, and the files it is given to serve, are in ``logs_dir``."""
+
+    def __init__(
+        self, workspace: Workspace, name: str, *, python: str = sys.executable, chunk_size: int
+    ) -> None:
+        self.workspace = workspace
+        self.logs_dir = workspace.root / f"{name}-grpcio" / "logs"
+        self.log_path = workspace.root / f"{name}-grpcio.log"
+        self._python = python
+        self._chunk_size = chunk_size
+        self._process: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def sample(self) -> ProcSample:
+        return sample(self.pid)
+
+    def client(self) -> Client:
+        return self.workspace.client(self.port)
+
+    def log_file(self, job_id: str) -> Path:
+        return self.logs_dir / f"{job_id}.log"
+
+    def serve_file(self, path: Path) -> str:
+        """A job id under which the peer serves ``path`` (a finished log) to its end."""
+        job_id = str(uuid.uuid4())
+        os.link(path, self.log_file(job_id))  # the same file: same inode, same page cache
+        return job_id
+
+    async def __aenter__(self) -> PeerProcess:
+        pki = self.workspace.pki
+        self.logs_dir.mkdir(parents=True)
+        with self.log_path.open("wb") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                self._python,
+                *("-m", "bench.grpcio_peer", "--logs", str(self.logs_dir)),
+                *("--cert", str(pki.server_cert), "--key", str(pki.server_key)),
+                *("--client-ca", str(pki.client_ca), "--chunk-size", str(self._chunk_size)),
+                stdin=subprocess.PIPE,  # it exits when this closes
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=REPO_ROOT,
+                start_new_session=True,  # a Ctrl-C reaches the benchmark, which stops it
+            )
+        try:
+            assert self._process.stdout is not None
+            try:
+                async with asyncio.timeout(_START_TIMEOUT):
+                    line = await self._process.stdout.readline()
+            except TimeoutError:
+                raise BenchError(
+                    f"the grpcio peer did not start within {_START_TIMEOUT:.0f} s"
+                ) from None
+            if not line.strip().isdigit():
+                await self._process.wait()
+                missing = "grpc" in self.log_tail() and "ModuleNotFoundError" in self.log_tail()
+                raise BenchError(
+                    f"the grpcio peer exited with {self._process.returncode} before serving"
+                    + (
+                        f" (install grpcio for {self._python}: pip install '.[bench]')"
+                        if missing
+                        else ""
+                    )
+                    + ":\n"
+                    + self.log_tail()
+                )
+            self.port = int(line)
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def _stop(self) -> None:
+        """Close its standard input (it kills its jobs and exits), then SIGKILL; clean up."""
+        process, self._process = self._process, None
+        try:
+            if process is not None and process.returncode is None:
+                assert process.stdin is not None
+                process.stdin.close()
+                try:
+                    await asyncio.wait_for(process.wait(), 10)
+                except TimeoutError:
+                    _kill_group(process.pid)
+                    await process.wait()
+                except BaseException:
+                    _kill_group(process.pid)
+                    raise
+        finally:
+            if self.workspace.logs is not None and self.log_path.exists():
+                self.workspace.logs.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.log_path, self.workspace.logs / self.log_path.name)
+            shutil.rmtree(self.logs_dir.parent, ignore_errors=True)
