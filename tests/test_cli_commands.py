@@ -210,3 +210,8 @@ def test_the_shell_completes_job_ids_from_the_server(served: Served) -> None:
     env = {**served.env, "JOBWORKER_SERVER": f"127.0.0.1:{free_port()}"}
     assert _complete(served, "jobworker status ", env) == []
     served.cli("stop", first)
+
+
+def test_serve_says_at_start_how_many_jobs_this_host_allows(served: Served) -> None:
+    log = served.log.read_text()
+    assert "this host allows about" in log and "open files" in log

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 from jobworker.auth import install_auth
 from jobworker.errors import ConfigError
+from jobworker.server import capacity
 from jobworker.server.connections import ConnectionGuard
 from jobworker.server.limits import ServerLimits
 from jobworker.server.receive import install_receive_limits
@@ -186,6 +187,7 @@ async def serve(config: ServerConfig) -> None:
     """
     set_child_subreaper()
     raise_open_file_limit()
+    capacity.check()
     tune_malloc()
     config = replace(config, worker=replace(config.worker, reap_orphans=True))
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
