@@ -25,7 +25,7 @@ def machine() -> dict[str, str]:
             model = line.split(":", 1)[1].strip()
             break
     versions = {}
-    for package in ("grpclib", "h2", "betterproto2", "anyio", "asyncinotify"):
+    for package in ("grpclib", "h2", "betterproto2", "anyio", "asyncinotify", "grpcio"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
