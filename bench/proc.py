@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,17 @@ def self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def raise_nofile() -> tuple[int, int]:
-    """Raise this process's soft descriptor limit to its hard limit (children inherit it)."""
+def raise_nofile(at_least: int = 0) -> tuple[int, int]:
+    """Raise this process's descriptor limits (children inherit them): the soft one to the
+    hard one, and both to ``at_least`` where the hard one is lower and the kernel lets root
+    raise it (``fs.nr_open``)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < at_least:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (at_least, at_least))
+        except (ValueError, OSError) as exc:
+            print(f"cannot raise the open-file limit to {at_least}: {exc}", file=sys.stderr)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)

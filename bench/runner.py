@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 from bench import cli, follow, isolation, output_cap, scale, start, throughput
@@ -87,6 +88,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="where results.json, results.md and bench.png go",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="concurrent jobs (and followers) in the scale measurement [quick: 200, full: 1000]",
+    )
+    parser.add_argument(
         "--chunk-size",
         type=int,
         default=None,
@@ -116,6 +124,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.mode = args.mode or QUICK
+    if args.jobs is not None:
+        if args.jobs < 1:
+            parser.error("--jobs must be at least 1")
+        args.mode = replace(args.mode, scale_jobs=args.jobs)
     return args
 
 
@@ -147,7 +159,8 @@ async def _run(args: argparse.Namespace) -> list[Section]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    soft, hard = raise_nofile()
+    # The scale measurement's server holds about two descriptors per job, and the bench as many.
+    soft, hard = raise_nofile(at_least=4 * args.mode.scale_jobs + 4096)
     t0 = time.perf_counter()
     try:
         sections = asyncio.run(_run(args))
