@@ -236,3 +236,15 @@ def test_env_cwd_and_network_options(served: Served) -> None:
     assert job["uid"] >= 65536
     bad = served.cli("start", "--env", "NOVALUE", "--", "true")
     assert (bad.returncode, bad.stderr) == (1, b"error: --env takes NAME=VALUE, not 'NOVALUE'\n")
+
+
+def test_serve_defaults_written_in_the_cli_are_the_librarys() -> None:
+    # The CLI writes them out so that client commands need not import the server or worker.
+    from jobworker.cli import app
+    from jobworker.server.limits import ServerLimits
+    from jobworker.worker.config import DEFAULT_JOB_UIDS
+
+    limits = ServerLimits()
+    assert limits.max_connections == app._DEFAULT_MAX_CONNECTIONS
+    assert limits.max_connections_per_peer == app._DEFAULT_MAX_CONNECTIONS_PER_PEER
+    assert "{}-{}".format(*DEFAULT_JOB_UIDS) == app._DEFAULT_JOB_UIDS

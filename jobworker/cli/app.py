@@ -56,8 +56,11 @@ E = TypeVar("E", bound=enum.Enum)
 log = logging.getLogger("jobworker")
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-# worker.config.DEFAULT_JOB_UIDS, written out so that the CLI need not import the worker.
+# Defaults of the worker (config.DEFAULT_JOB_UIDS) and of ServerLimits, written out so that
+# client commands need not import the server or the worker (tests/test_cli.py ties them).
 _DEFAULT_JOB_UIDS = "65536-99999"
+_DEFAULT_MAX_CONNECTIONS = 1024
+_DEFAULT_MAX_CONNECTIONS_PER_PEER = 128
 
 
 class _Group(TyperGroup):
@@ -828,6 +831,22 @@ def serve_command(
             help="Largest request message; larger ones get RESOURCE_EXHAUSTED unread.",
         ),
     ] = "4M",
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            envvar="JOBWORKER_MAX_CONNECTIONS",
+            min=1,
+            help="Open connections in all; more are closed before TLS.",
+        ),
+    ] = _DEFAULT_MAX_CONNECTIONS,
+    max_connections_per_peer: Annotated[
+        int,
+        typer.Option(
+            envvar="JOBWORKER_MAX_CONNECTIONS_PER_PEER",
+            min=1,
+            help="Open connections from one IP address; more are closed before TLS.",
+        ),
+    ] = _DEFAULT_MAX_CONNECTIONS_PER_PEER,
     default_max_output: Annotated[
         str | None,
         typer.Option(
@@ -912,7 +931,11 @@ def serve_command(
     except JobworkerError as exc:
         _fail(exc.message)
     try:
-        limits = ServerLimits(max_message_size=parse_size(max_message_size)).validate()
+        limits = ServerLimits(
+            max_message_size=parse_size(max_message_size),
+            max_connections=max_connections,
+            max_connections_per_peer=max_connections_per_peer,
+        ).validate()
     except (ValueError, JobworkerError) as exc:
         _fail(exc.message if isinstance(exc, JobworkerError) else str(exc))
     config = ServerConfig(

@@ -40,7 +40,7 @@ class ServerLimits:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     handshake_timeout: float = 5.0
     max_connections: int = 1024
-    max_connections_per_peer: int = 64
+    max_connections_per_peer: int = 128
     max_concurrent_streams: int = 100
     max_resets: int = 200
     reset_window: float = 10.0
