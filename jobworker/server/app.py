@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from grpclib.config import Configuration
+from grpclib.encoding.proto import ProtoStatusDetailsCodec
 from grpclib.health.service import Health
 from grpclib.server import Server
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 from jobworker.auth import install_auth
 from jobworker.errors import ConfigError
 from jobworker.server import capacity
+from jobworker.server.codec import ServerCodec
 from jobworker.server.connections import ConnectionGuard
 from jobworker.server.limits import ServerLimits
 from jobworker.server.receive import install_receive_limits
@@ -121,6 +123,8 @@ class JobworkerServer:
             servables: list[IServable] = [self._service, Health()]
             self._server = Server(
                 servables,
+                codec=ServerCodec(),
+                status_details_codec=ProtoStatusDetailsCodec(),
                 config=Configuration(
                     http2_connection_window_size=_H2_WINDOW,
                     http2_stream_window_size=_H2_WINDOW,

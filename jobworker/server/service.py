@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import grpclib.const
@@ -25,7 +25,7 @@ import grpclib.server
 from grpclib.exceptions import GRPCError
 
 from jobworker._proto.jobworker import v1 as pb
-from jobworker._proto_convert import chunk_to_proto, spec_from_proto, status_to_proto
+from jobworker._proto_convert import spec_from_proto, status_to_proto
 from jobworker.auth import (
     Identity,
     Rpc,
@@ -45,6 +45,7 @@ from jobworker.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from jobworker.server.codec import EncodedChunk
 from jobworker.server.errors import to_grpc_error
 from jobworker.server.limits import ServerLimits
 from jobworker.worker import JobStatus, Worker, parse_job_id
@@ -189,7 +190,8 @@ class WorkerService(pb.WorkerBase):
             try:
                 async with self._worker.output(request.job_id, request.offset) as output:
                     async for chunk in output:
-                        await stream.send_message(chunk_to_proto(chunk))
+                        # Encoded here, sent as an OutputChunk by the server's codec.
+                        await stream.send_message(cast(pb.OutputChunk, EncodedChunk(chunk)))
             except FileNotFoundError:  # opening the log: nothing else here touches a path
                 raise DataLoss(
                     f"the output of job {parse_job_id(request.job_id)} is no longer on the "
