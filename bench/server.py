@@ -105,7 +105,46 @@ class Workspace:
         )
 
 
-class ServerProcess:
+class _Served:
+    """A server process of the benchmark's, on 127.0.0.1: its pid, its log, a client, and
+    its end (``_stop``) when the ``async with`` block ends."""
+
+    workspace: Workspace
+    log_path: Path
+    port: int
+    _process: asyncio.subprocess.Process | None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def sample(self) -> ProcSample:
+        return sample(self.pid)
+
+    def client(self) -> Client:
+        return self.workspace.client(self.port)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop()
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class ServerProcess(_Served):
     """``python -m jobworker serve`` on 127.0.0.1 with a port of its choosing."""
 
     def __init__(
@@ -127,17 +166,6 @@ class ServerProcess:
         self._nofile = nofile
         self._process: asyncio.subprocess.Process | None = None
         self.port = 0
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def sample(self) -> ProcSample:
-        return sample(self.pid)
-
-    def client(self) -> Client:
-        return self.workspace.client(self.port)
 
     def log_file(self, job_id: str) -> Path:
         return self.data_dir / "logs" / f"{job_id}.log"
@@ -170,21 +198,6 @@ class ServerProcess:
             await self._stop()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stop()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
     async def _wait_serving(self) -> int:
         assert self._process is not None
@@ -230,7 +243,7 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-class PeerProcess:
+class PeerProcess(_Served):
     """``python -m bench.grpcio_peer`` (grpcio's C core) on 127.0.0.1 with the server's
     certificate, key and client CA, in a process of its own, as :class:`ServerProcess` runs
     jobworker. Its jobs' logs, and the files it is given to serve, are in ``logs_dir``."""
@@ -245,17 +258,6 @@ class PeerProcess:
         self._chunk_size = chunk_size
         self._process: asyncio.subprocess.Process | None = None
         self.port = 0
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def sample(self) -> ProcSample:
-        return sample(self.pid)
-
-    def client(self) -> Client:
-        return self.workspace.client(self.port)
 
     def log_file(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -308,21 +310,6 @@ class PeerProcess:
             await self._stop()
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._stop()
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
     async def _stop(self) -> None:
         """Close its standard input (it kills its jobs and exits), then SIGKILL; clean up."""
