@@ -1,8 +1,10 @@
 """Fixtures shared by the host and VM test tiers.
 
 Tests use the real cgroup2 hierarchy of the machine they run on. Each test gets a fresh
-cgroup directory of its own under ``<cgroup2 mount>/jobworker-tests``, which this file creates
-and enables controllers in, as a delegating supervisor (systemd, a container runtime) would.
+cgroup directory of its own under ``<cgroup2 mount>/jobworker-tests-<pid>``, one parent per
+test session (so that two sessions at once never remove each other's), which this file
+creates and enables controllers in, as a delegating supervisor (systemd, a container runtime)
+would.
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ def tests_cgroup() -> Iterator[Path]:
     """The parent of every test's cgroup, with every controller it is offered enabled."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create cgroups")
-    parent = find_cgroup2_mount() / "jobworker-tests"
+    parent = find_cgroup2_mount() / f"jobworker-tests-{os.getpid()}"
     parent.mkdir(exist_ok=True)
     offered = (parent / "cgroup.controllers").read_text().split()
     for name in CONTROLLERS:
         if name in offered:
             (parent / "cgroup.subtree_control").write_text(f"+{name}")
     yield parent
-    with contextlib.suppress(OSError):  # another test session may still use it
+    with contextlib.suppress(OSError):  # a test left a cgroup: that test has failed already
         parent.rmdir()
 
 

@@ -422,3 +422,25 @@ async def test_a_program_the_job_may_not_run_is_refused(worker: Worker, readable
     with pytest.raises(InvalidCommand, match="cannot be run by the job's user: Permission"):
         await worker.start(JobSpec(str(program)))
     assert job_cgroups(worker) == [] and log_files(worker) == []
+
+
+def test_in_a_chroot_the_helper_says_why_it_cannot_isolate(tmp_path: Path) -> None:
+    """A server run in a chroot whose root is no mount point: the helper cannot make the jobs'
+    mounts private, and the server's start-up error names that cause, not a missing privilege."""
+    import subprocess
+
+    from jobworker.worker.process import HELPER, _root_mounted, check_isolation
+
+    root = tmp_path / "chroot"
+    root.mkdir()
+    shutil.copy(HELPER, root / "jobworker-init")  # static: it needs nothing else in there
+    ran = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "chroot", str(root)]
+        + ["/jobworker-init", "check", "-"],
+        capture_output=True,
+        check=False,
+    )
+    assert ran.returncode != 0
+    assert b"mount-private: Invalid argument" in ran.stderr
+    assert _root_mounted(), "outside the chroot, / is a mount point"
+    anyio.run(check_isolation, Network.HOST)  # and there the same check passes

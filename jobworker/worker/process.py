@@ -133,10 +133,25 @@ async def check_isolation(network: Network) -> None:
     _, stderr = await process.communicate()
     if process.returncode != 0:
         why = stderr.decode(errors="replace").strip() or f"exit status {process.returncode}"
+        if "mount-private" in why and os.strerror(errno.EINVAL) in why and not _root_mounted():
+            raise ConfigError(
+                f"the job helper cannot make the jobs' mounts private ({why}): the root "
+                "directory is not a mount point, as in a chroot; bind-mount the root onto "
+                "itself first (mount --bind / /), or run the server outside the chroot"
+            )
         raise ConfigError(
             f"this host does not let the worker give jobs their own namespaces ({why}): run "
             "it as root, and in a container with --privileged (see docs/deploy.md)"
         )
+
+
+def _root_mounted() -> bool:
+    """Whether ``/`` is a mount point of this mount namespace (it is not in a chroot)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            return any(line.split()[4] == "/" for line in mounts if len(line.split()) > 4)
+    except OSError:
+        return True
 
 
 class Monitor:
