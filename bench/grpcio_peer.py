@@ -46,6 +46,8 @@ from pathlib import Path
 import grpc
 from asyncinotify import Inotify, Mask
 
+from bench.stdin import stdin_closed
+
 _SERVICE = "jobworker.v1.Worker"
 _RUNNING = 1  # JobState.JOB_STATE_RUNNING
 
@@ -259,17 +261,8 @@ async def _serve(args: argparse.Namespace) -> None:
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     print(port, flush=True)
-    loop = asyncio.get_running_loop()
-    stdin_closed = asyncio.Event()
-
-    def on_stdin() -> None:
-        if not os.read(sys.stdin.fileno(), 4096):
-            loop.remove_reader(sys.stdin.fileno())
-            stdin_closed.set()
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
     try:
-        await stdin_closed.wait()
+        await stdin_closed()
     finally:
         peer.kill_jobs()
         await server.stop(None)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 
+from bench.stdin import stdin_closed
 from jobworker.server.tls import server_ssl_context
 
 
@@ -44,17 +44,8 @@ async def _main(args: argparse.Namespace) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
     port = server.sockets[0].getsockname()[1]
     print(port, flush=True)
-    loop = asyncio.get_running_loop()
-    stdin_closed = asyncio.Event()
-
-    def on_stdin() -> None:
-        if not os.read(sys.stdin.fileno(), 4096):
-            loop.remove_reader(sys.stdin.fileno())
-            stdin_closed.set()
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
     async with server:
-        await stdin_closed.wait()
+        await stdin_closed()
 
 
 def main() -> None:
