@@ -434,9 +434,9 @@ def test_in_a_chroot_the_helper_says_why_it_cannot_isolate(tmp_path: Path) -> No
     root = tmp_path / "chroot"
     root.mkdir()
     shutil.copy(HELPER, root / "jobworker-init")  # static: it needs nothing else in there
+    in_chroot = ["unshare", "--mount", "--propagation", "private", "chroot", str(root)]
     ran = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "chroot", str(root)]
-        + ["/jobworker-init", "check", "-"],
+        [*in_chroot, "/jobworker-init", "check", "-"],
         capture_output=True,
         check=False,
     )

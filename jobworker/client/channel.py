@@ -12,6 +12,10 @@ keep the first 10 bytes. :func:`open_channel` replaces that ``repr`` (of hyperfr
 ``DataFrame``, in the whole process) with one that hex-encodes just those bytes, and gives the
 same text for unpadded frames, the only kind gRPC sends.
 
+Output chunks are read by hand (``jobworker/_chunk_wire.py``): a stream asks for the model
+:class:`~jobworker.models.OutputChunk` as its response type, and the codec decodes the wire
+bytes straight into it; every other message is betterproto2's.
+
 Error details (``grpc-status-details-bin``, where the server names an error's class) are
 decoded with the google.rpc codec, whose modules are imported only when an error carries
 details, so a call that succeeds never loads them.
@@ -27,10 +31,13 @@ from typing import Any, Final
 
 from grpclib.client import Channel, Handler
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoStatusDetailsCodec
+from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
+
+from jobworker._chunk_wire import decode_chunk
+from jobworker.models import OutputChunk
 
 __all__ = ["MAX_FRAME_SIZE", "open_channel"]
 
@@ -47,6 +54,15 @@ class _LargeFrames(H2Protocol):
 class _Channel(Channel):
     def _protocol_factory(self) -> H2Protocol:  # grpclib's one hook for its protocol object
         return _LargeFrames(Handler(), self._config, self._h2_config)
+
+
+class _Codec(ProtoCodec):
+    """grpclib's protobuf codec, which decodes an output chunk by hand into the model."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if message_type is OutputChunk:
+            return decode_chunk(data)
+        return super().decode(data, message_type)
 
 
 class _LazyDetailsCodec(ProtoStatusDetailsCodec):
@@ -68,4 +84,6 @@ def _data_frame_body_repr(frame: DataFrame) -> str:
 def open_channel(host: str, port: int, ssl_context: ssl.SSLContext) -> Channel:
     """A grpclib channel to ``host:port`` whose connections accept large DATA frames."""
     DataFrame._body_repr = _data_frame_body_repr  # type: ignore[method-assign,assignment]
-    return _Channel(host, port, ssl=ssl_context, status_details_codec=_LazyDetailsCodec())
+    return _Channel(
+        host, port, ssl=ssl_context, codec=_Codec(), status_details_codec=_LazyDetailsCodec()
+    )

@@ -36,7 +36,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from h2.exceptions import StreamClosedError
 
 from jobworker._proto.jobworker import v1 as pb
-from jobworker._proto_convert import chunk_from_proto, spec_to_proto, status_from_proto
+from jobworker._proto_convert import spec_to_proto, status_from_proto
 from jobworker.client.channel import open_channel
 from jobworker.client.config import (
     DEFAULT_RECONNECT_FOR,
@@ -340,7 +340,7 @@ class OutputReader:
         self.reconnects = 0
         self.gaps: list[tuple[int, int]] = []
         self._stack = AsyncExitStack()
-        self._stream: Stream[pb.StreamJobOutputRequest, pb.OutputChunk] | None = None
+        self._stream: Stream[pb.StreamJobOutputRequest, OutputChunk] | None = None
         self._entered = False
         self._finished = False
         self._lost_at: float | None = None
@@ -381,7 +381,7 @@ class OutputReader:
                         _STREAM_PATH,
                         Cardinality.UNARY_STREAM,
                         pb.StreamJobOutputRequest,
-                        pb.OutputChunk,
+                        OutputChunk,  # decoded by hand (client/channel.py)
                         timeout=None,
                     )
                 )
@@ -428,7 +428,7 @@ class OutputReader:
                 self._finished = True
                 return None
             self._lost_at = None
-            chunk = chunk_from_proto(message)
+            chunk = message
             if chunk.offset != self.offset:
                 raise JobworkerError(
                     f"output out of order: got offset {chunk.offset}, expected {self.offset}"
@@ -439,7 +439,7 @@ class OutputReader:
             return chunk
         return None
 
-    async def _receive(self) -> pb.OutputChunk | None:
+    async def _receive(self) -> OutputChunk | None:
         if self._stream is None:
             raise self._lost or Unavailable("the output stream is closed")
         try:

@@ -1,50 +1,20 @@
 """The server's message codec: grpclib's, with output chunks encoded by hand.
 
-A ``StreamJobOutput`` response is nearly all data: up to a chunk (256 KiB by default) of the
-job's output. betterproto2 builds its encoding field by field through an intermediate
-buffer, about 50 µs for a full chunk, and every stream sends four of those a MiB. An
-:class:`OutputChunk` has three scalar fields, so :func:`encode_chunk` writes the same bytes
-directly: each field's tag and varint, and the data copied once. Every other message goes
-through betterproto2 as before. ``tests/test_codec.py`` checks that both encodings are the
-same bytes.
+:class:`EncodedChunk` carries a chunk already encoded by :func:`encode_chunk`
+(``jobworker/_chunk_wire.py``: the same bytes as betterproto2's, several times faster); the
+codec passes it through as it is and encodes every other message with betterproto2.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from grpclib.encoding.proto import ProtoCodec
 
+from jobworker._chunk_wire import encode_chunk
 from jobworker.models import OutputChunk
 
-__all__ = ["EncodedChunk", "ServerCodec", "encode_chunk"]
-
-# Field tags of jobworker.v1.OutputChunk (protos/): field number << 3 | wire type.
-_OFFSET: Final = b"\x08"  # 1, varint
-_DATA: Final = b"\x12"  # 2, length-delimited
-_DROPPED: Final = b"\x18"  # 3, varint
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_chunk(chunk: OutputChunk) -> bytes:
-    """The protobuf encoding of the ``jobworker.v1.OutputChunk`` that carries ``chunk``, as
-    betterproto2 writes it: fields in number order, those at their default left out."""
-    parts: list[bytes | memoryview] = []
-    if chunk.offset:
-        parts += (_OFFSET, _varint(chunk.offset))
-    if chunk.data:
-        parts += (_DATA, _varint(len(chunk.data)), chunk.data)
-    if chunk.dropped:
-        parts += (_DROPPED, _varint(chunk.dropped))
-    return b"".join(parts)
+__all__ = ["EncodedChunk", "ServerCodec"]
 
 
 class EncodedChunk:
