@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from test_output_cap_cli import Cli
 from jobworker.client import Client
 from jobworker.errors import FailedPrecondition, JobNotFound
 from jobworker.worker import JobSpec, JobState, Worker, WorkerConfig
+from jobworker.worker.workdir import WorkDirs
 
 pytestmark = pytest.mark.anyio
 
@@ -60,6 +62,39 @@ async def test_remove_deletes_the_record_log_and_directory_of_an_ended_job(
     assert files_of(worker.config, job_id) == []
     with pytest.raises(JobNotFound):
         worker.remove(job_id)
+
+
+async def test_a_big_working_directory_is_deleted_off_the_event_loop(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = await ended_job(worker, "mkdir -p a/b && for i in $(seq 300); do : > a/b/$i; done")
+    threads: list[bool] = []
+    delete = WorkDirs.delete
+
+    def recorded(path: Path) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        delete(path)
+
+    monkeypatch.setattr(WorkDirs, "delete", staticmethod(recorded))
+    worker.remove(job_id)
+    removed = worker.config.data_dir / "removed"
+    assert files_of(worker.config, job_id) == [], "moved out of work/ before remove returns"
+    with anyio.fail_after(30):
+        while list(removed.iterdir()):
+            await anyio.sleep(0.01)
+    assert threads == [False], "deleted once, in a thread: the event loop never waited on it"
+
+
+async def test_what_an_earlier_server_left_to_delete_is_deleted_at_start(
+    config: WorkerConfig,
+) -> None:
+    left = config.data_dir / "removed" / "job.1234abcd"
+    (left / "deep").mkdir(parents=True)
+    (left / "deep" / "file").write_text("x")
+    async with Worker(config):
+        with anyio.fail_after(30):
+            while left.exists():
+                await anyio.sleep(0.01)
 
 
 async def test_a_running_job_is_not_removed(worker: Worker) -> None:

@@ -126,7 +126,7 @@ class Worker:
         self._exits_dir = config.data_dir / "exits"
         self._exits_fd = -1
         self._ready: _Ready | None = None
-        self._work_dirs = WorkDirs(config.data_dir / "work")
+        self._work_dirs = WorkDirs(config.data_dir / "work", config.data_dir / "removed")
         self._uids = UidPool(*config.job_uids)
         # Accounts a job may be run as, resolved once: every name must exist now.
         self._run_as = host_account(config.run_as) if config.run_as is not None else None
@@ -252,16 +252,33 @@ class Worker:
         names |= {entry.name for entry in os.scandir(self._work_dirs.root)}
         for name in names - known:
             self._forget_files(name)
+        for discarded in self._work_dirs.discarded():  # an earlier worker's, not yet deleted
+            self._delete_later(discarded)
 
     def _forget_files(self, job_id: str) -> None:
-        """Remove what a job without a record left: its log, exit file and directory."""
+        """Remove what a job without a record left: its log, exit file and directory (moved
+        away at once, deleted in a thread)."""
         try:
             job_id = parse_job_id(job_id)
         except JobworkerError:
             return
         (self._logs_dir / f"{job_id}.log").unlink(missing_ok=True)
         (self._exits_dir / job_id).unlink(missing_ok=True)
-        self._work_dirs.remove(self._work_dirs.path(job_id))
+        discarded = self._work_dirs.discard(self._work_dirs.path(job_id))
+        if discarded is not None:
+            self._delete_later(discarded)
+
+    def _delete_later(self, path: Path) -> None:
+        """Delete a discarded directory in a thread: it may hold any number of files. While
+        the worker starts or closes (no task to run it in), here and now."""
+        if self._task_group is None or self._closing:
+            WorkDirs.delete(path)
+        else:
+            self._task_group.start_soon(self._delete, path)
+
+    async def _delete(self, path: Path) -> None:
+        # Abandoned if the worker stops first: the next one deletes what is left (_recover).
+        await anyio.to_thread.run_sync(WorkDirs.delete, path, abandon_on_cancel=True)
 
     # Leaving.
 
