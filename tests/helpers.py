@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -93,6 +96,69 @@ def client_env(port: int, data_dir: Path) -> dict[str, str]:
         "JOBWORKER_KEY": str(pki.admin_key),
         "JOBWORKER_CA": str(pki.server_ca),
     }
+
+
+class Served:
+    """``jobworker serve`` as its own process on a free port, with the test's data directory
+    and cgroup root (it creates its PKI on first start), and the CLI as its admin."""
+
+    def __init__(self, tmp_path: Path, cgroup_root: Path, *options: str) -> None:
+        self.port = free_port()
+        self.data_dir = tmp_path / "data"
+        self.log = tmp_path / "serve.log"
+        env = {
+            **os.environ,
+            "JOBWORKER_LISTEN": f"127.0.0.1:{self.port}",
+            "JOBWORKER_DATA_DIR": str(self.data_dir),
+            "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
+            "JOBWORKER_STOP_GRACE": "2",
+        }
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [*JOBWORKER, "serve", *options], env=env, stdout=sink, stderr=sink
+            )
+        try:
+            wait_listening(self.port, self.process, self.log)
+        except BaseException:
+            self.stop()
+            raise
+        self.env = client_env(self.port, self.data_dir)
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``jobworker ARGS...`` as the admin (or with ``env``), to its end."""
+        return subprocess.run(
+            [*JOBWORKER, *args],
+            env=env or self.env,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    __call__ = cli
+
+    def start(self, *command: str) -> str:
+        """The id of a job started with ``jobworker start -- COMMAND...``."""
+        started = self.cli("start", "--", *command)
+        assert started.returncode == 0, started.stderr
+        return started.stdout.decode().strip()
+
+    def stop(self) -> None:
+        """SIGTERM, and wait for the server's bounded exit (if it still runs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+
+
+@contextmanager
+def serving(tmp_path: Path, cgroup_root: Path, *options: str) -> Iterator[Served]:
+    """A :class:`Served` server for the ``with`` block; stopped at its end."""
+    server = Served(tmp_path, cgroup_root, *options)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def job_cgroups(worker: Worker) -> list[str]:

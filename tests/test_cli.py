@@ -3,53 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import JOBWORKER, client_env, free_port, wait_listening
-
-
-@dataclass
-class Served:
-    process: subprocess.Popen[bytes]
-    env: dict[str, str]
-    data_dir: Path
-    log: Path
-
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [*JOBWORKER, *args], env=self.env, capture_output=True, timeout=timeout, check=False
-        )
+from helpers import JOBWORKER, Served, free_port, serving
 
 
 @pytest.fixture
 def served(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
-    """``jobworker serve`` as its own process, with a PKI it creates on first start."""
-    port = free_port()
-    data_dir = tmp_path / "data"
-    log = tmp_path / "serve.log"
-    server_env = {
-        **os.environ,
-        "JOBWORKER_LISTEN": f"127.0.0.1:{port}",
-        "JOBWORKER_DATA_DIR": str(data_dir),
-        "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
-        "JOBWORKER_STOP_GRACE": "2",
-    }
-    with log.open("wb") as sink:
-        process = subprocess.Popen([*JOBWORKER, "serve"], env=server_env, stdout=sink, stderr=sink)
-    try:
-        wait_listening(port, process, log)
-        yield Served(process, client_env(port, data_dir), data_dir, log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=30)
+    with serving(tmp_path, cgroup_root) as server:
+        yield server
 
 
 def test_start_stream_and_status_json(served: Served) -> None:

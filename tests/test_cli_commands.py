@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -11,51 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import JOBWORKER, client_env, free_port, wait_listening
+from helpers import JOBWORKER, Served, free_port, serving
 
 from jobworker import __version__
 
 
-class Served:
-    def __init__(self, tmp_path: Path, cgroup_root: Path) -> None:
-        self.port = free_port()
-        self.data_dir = tmp_path / "data"
-        self.log = tmp_path / "serve.log"
-        env = {
-            **os.environ,
-            "JOBWORKER_LISTEN": f"127.0.0.1:{self.port}",
-            "JOBWORKER_DATA_DIR": str(self.data_dir),
-            "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
-            "JOBWORKER_STOP_GRACE": "2",
-        }
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                [*JOBWORKER, "serve"], env=env, stdout=sink, stderr=sink
-            )
-        wait_listening(self.port, self.process, self.log)
-        self.env = client_env(self.port, self.data_dir)
-
-    def cli(
-        self, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [*JOBWORKER, *args], env=env or self.env, capture_output=True, timeout=60, check=False
-        )
-
-    def start(self, *command: str) -> str:
-        started = self.cli("start", "--", *command)
-        assert started.returncode == 0, started.stderr
-        return started.stdout.decode().strip()
-
-
 @pytest.fixture
 def served(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
-    server = Served(tmp_path, cgroup_root)
-    try:
+    with serving(tmp_path, cgroup_root) as server:
         yield server
-    finally:
-        server.process.send_signal(signal.SIGTERM)
-        server.process.wait(timeout=30)
 
 
 def test_version() -> None:

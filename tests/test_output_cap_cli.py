@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import JOB_PYTHON, JOBWORKER, client_env, free_port, wait_listening
+from helpers import JOB_PYTHON, Served, serving
 from test_output_cap import WRITER, pattern
 
 from jobworker.client import Client
@@ -19,39 +16,16 @@ from jobworker.models import OutputChunk
 MiB = 1 << 20
 
 
-class Cli:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-
-    def __call__(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            [*JOBWORKER, *args], env=self.env, capture_output=True, timeout=60, check=False
-        )
-
-
 @pytest.fixture
-def cli(tmp_path: Path, cgroup_root: Path) -> Iterator[Cli]:
-    port = free_port()
-    data_dir = tmp_path / "data"
-    log = tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        "JOBWORKER_LISTEN": f"127.0.0.1:{port}",
-        "JOBWORKER_DATA_DIR": str(data_dir),
-        "JOBWORKER_CGROUP_ROOT": str(cgroup_root),
-    }
-    command = [*JOBWORKER, "serve", "--default-max-output", "2M", "--max-max-output", "8M"]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=sink)
-    try:
-        wait_listening(port, process, log)
-        yield Cli(client_env(port, data_dir))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+def cli(tmp_path: Path, cgroup_root: Path) -> Iterator[Served]:
+    """The CLI against a server with a default and a maximum output cap."""
+    with serving(
+        tmp_path, cgroup_root, "--default-max-output", "2M", "--max-max-output", "8M"
+    ) as server:
+        yield server
 
 
-def test_stream_prints_head_one_gap_line_and_tail_and_status_counts(cli: Cli) -> None:
+def test_stream_prints_head_one_gap_line_and_tail_and_status_counts(cli: Served) -> None:
     total = 8 * MiB
     started = cli("start", "--max-output", "2M", "--", JOB_PYTHON, "-c", WRITER, str(total))
     assert started.returncode == 0, started.stderr
@@ -80,7 +54,7 @@ def test_stream_prints_head_one_gap_line_and_tail_and_status_counts(cli: Cli) ->
     assert f"output:     {total} bytes written, {resume - MiB} dropped (cap 2M)" in shown
 
 
-def test_the_server_default_applies_and_its_maximum_is_enforced(cli: Cli) -> None:
+def test_the_server_default_applies_and_its_maximum_is_enforced(cli: Served) -> None:
     started = cli("start", "--json", "--", "true")
     assert json.loads(started.stdout)["max_output"] == 2 * MiB
     refused = cli("start", "--max-output", "9M", "--", "true")
@@ -92,7 +66,7 @@ def test_the_server_default_applies_and_its_maximum_is_enforced(cli: Cli) -> Non
 
 
 @pytest.mark.anyio
-async def test_the_client_library_skips_gaps_in_bytes_and_lists_them(cli: Cli) -> None:
+async def test_the_client_library_skips_gaps_in_bytes_and_lists_them(cli: Served) -> None:
     total = 4 * MiB
     started = cli("start", "--max-output", "1M", "--", JOB_PYTHON, "-c", WRITER, str(total))
     job_id = started.stdout.decode().strip()

@@ -16,8 +16,7 @@ import anyio
 import pytest
 import test_api
 import test_output_cap_cli
-from helpers import read_all
-from test_output_cap_cli import Cli
+from helpers import Served, read_all
 
 from jobworker.client import Client
 from jobworker.errors import FailedPrecondition, JobNotFound
@@ -196,7 +195,7 @@ async def test_users_remove_and_prune_only_their_own_jobs(
     assert any("who=bob role=user rpc=PruneJobs job=- outcome=ok" in line for line in lines)
 
 
-def test_rm_and_prune_on_the_command_line(cli: Cli) -> None:
+def test_rm_and_prune_on_the_command_line(cli: Served) -> None:
     done = cli("start", "--", "true").stdout.decode().strip()
     running = cli("start", "--", "sleep", "60").stdout.decode().strip()
     assert cli("wait", done).returncode == 0
