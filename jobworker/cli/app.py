@@ -6,7 +6,6 @@ Client commands import nothing of the server, the worker or the PKI builder: tho
 are inside ``serve`` and ``certs``.
 """
 
-import contextlib
 import enum
 import json
 import logging
@@ -156,6 +155,12 @@ class _ClientOptions:
     ca: Path | None
     timeout: str | None
 
+    def client(self, **settings: Any) -> "Client":
+        """A client of the server these options name, with these files."""
+        from jobworker.client import Client  # noqa: PLC0415 - gRPC and messages: only to call
+
+        return Client(self.server, cert=self.cert, key=self.key, ca=self.ca, **settings)
+
 
 def _version(value: bool) -> None:
     if value:
@@ -212,15 +217,13 @@ def _global_options(
 
 
 def _client(ctx: typer.Context, reconnect_for: float = DEFAULT_RECONNECT_FOR) -> "Client":
-    from jobworker.client import Client  # noqa: PLC0415 - gRPC and messages: only when calling
-
     options = ctx.find_object(_ClientOptions)
     assert options is not None  # set by the group's callback
     settings: dict[str, Any] = {"reconnect_for": reconnect_for}
     try:
         if options.timeout is not None:
             settings["timeout"] = parse_timeout(options.timeout)
-        return Client(options.server, cert=options.cert, key=options.key, ca=options.ca, **settings)
+        return options.client(**settings)
     except CredentialsError as exc:
         setting = exc.setting or "cert"
         _fail(f"{exc.message}; give --{setting} FILE (or JOBWORKER_{setting.upper()})")
@@ -309,23 +312,14 @@ _COMPLETION_TIMEOUT = 2.0
 
 def _complete_job_ids(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
     """The shell's completion of a job id: the ids of the jobs the caller may see that start
-    with what was typed, each with its state and command; nothing if the server cannot say."""
-    from jobworker.client import Client  # noqa: PLC0415 - only when completing
-
+    with what was typed, each with its state and command; nothing if the server cannot say.
+    (The group's callback does not run while completing: its options are read here.)"""
     given = ctx.find_root().params
-    timeout = _COMPLETION_TIMEOUT
-    with contextlib.suppress(ConfigError):
-        timeout = min(parse_timeout(given.get("timeout") or "10") or timeout, timeout)
+    server = given.get("server") or DEFAULT_SERVER
+    options = _ClientOptions(server, given.get("cert"), given.get("key"), given.get("ca"), None)
 
     async def jobs() -> list[JobStatus]:
-        client = Client(
-            given.get("server") or DEFAULT_SERVER,
-            cert=given.get("cert"),
-            key=given.get("key"),
-            ca=given.get("ca"),
-            timeout=timeout,
-        )
-        async with client:
+        async with options.client(timeout=_COMPLETION_TIMEOUT) as client:
             return await client.list()
 
     try:
