@@ -157,9 +157,27 @@ class _ClientOptions:
 
     def client(self, **settings: Any) -> "Client":
         """A client of the server these options name, with these files."""
-        from jobworker.client import Client  # noqa: PLC0415 - gRPC and messages: only to call
+        client_class = _client_class()
+        return client_class(self.server, cert=self.cert, key=self.key, ca=self.ca, **settings)
 
-        return Client(self.server, cert=self.cert, key=self.key, ca=self.ca, **settings)
+
+def _client_class() -> type["Client"]:
+    """The client library's :class:`Client`, loaded on first use (gRPC and the messages).
+
+    betterproto2 imports pydantic whenever it is installed (typer needs it), only to tell
+    pydantic dataclasses apart, which the generated messages are not; hiding it while they
+    load keeps about 20 ms of imports out of a CLI call. (This process is the CLI's, with one
+    thread: a library would not do this to its host program.)
+    """
+    hide = "pydantic" not in sys.modules and "betterproto2" not in sys.modules
+    if hide:
+        sys.modules["pydantic"] = None  # type: ignore[assignment] # an import raises ImportError
+    try:
+        from jobworker.client import Client  # noqa: PLC0415 - only for commands that call
+    finally:
+        if hide:
+            del sys.modules["pydantic"]
+    return Client
 
 
 def _version(value: bool) -> None:

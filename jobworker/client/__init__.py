@@ -8,7 +8,6 @@ only the defaults (the CLI's ``--help``) does not load gRPC and the message clas
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 from jobworker.client.config import (
@@ -33,23 +32,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("Client", "OutputReader"):
-        return getattr(_load_client(), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _load_client() -> Any:
-    """:mod:`jobworker.client.client`, and with it the messages.
-
-    betterproto2 imports pydantic whenever it is installed (typer needs it), only to tell
-    pydantic dataclasses apart, which the generated messages are not; hiding it while
-    betterproto2 loads keeps about 20 ms of imports out of every CLI call.
-    """
-    hide = "pydantic" not in sys.modules and "betterproto2" not in sys.modules
-    if hide:
-        sys.modules["pydantic"] = None  # type: ignore[assignment] # an import raises ImportError
-    try:
         from jobworker.client import client  # noqa: PLC0415 - loaded on first use
-    finally:
-        if hide:
-            del sys.modules["pydantic"]
-    return client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
