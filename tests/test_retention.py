@@ -16,7 +16,7 @@ import anyio
 import pytest
 import test_api
 import test_output_cap_cli
-from helpers import Served, read_all
+from helpers import JOB_PYTHON, Served, read_all
 
 from jobworker.client import Client
 from jobworker.errors import FailedPrecondition, JobNotFound
@@ -82,6 +82,33 @@ async def test_a_big_working_directory_is_deleted_off_the_event_loop(
         while list(removed.iterdir()):
             await anyio.sleep(0.01)
     assert threads == [False], "deleted once, in a thread: the event loop never waited on it"
+
+
+# A job's tree 3,000 directories deep, each with a file and a link out: deeper than Python's
+# recursion limit and than the longest path the kernel takes.
+_DEEP_TREE = """
+import os
+for _ in range(3000):
+    os.mkdir("d")
+    os.chdir("d")
+    open("f", "w").close()
+    os.symlink("/etc", "out")
+"""
+
+
+async def test_a_tree_any_depth_a_job_made_is_deleted_and_nothing_outside_it(
+    worker: Worker,
+) -> None:
+    status = await worker.start(JobSpec(JOB_PYTHON, ("-c", _DEEP_TREE), owner="alice"))
+    await read_all(worker, status.id)
+    assert worker.status(status.id).exit_code == 0
+    worker.remove(status.id)
+    removed = worker.config.data_dir / "removed"
+    with anyio.fail_after(60):
+        while list(removed.iterdir()):
+            await anyio.sleep(0.05)
+    assert Path("/etc/passwd").exists(), "the links out were removed, not followed"
+    assert (await ended_job(worker)) in {s.id for s in worker.list()}, "the worker goes on"
 
 
 async def test_what_an_earlier_server_left_to_delete_is_deleted_at_start(

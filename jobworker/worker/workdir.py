@@ -76,5 +76,46 @@ class WorkDirs:
 
     @staticmethod
     def delete(path: Path) -> None:
-        """Delete a discarded directory and all it holds (blocking: run it in a thread)."""
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a discarded directory and all it holds (blocking: run it in a thread).
+
+        A job may have made its tree any depth: this walks it with one descriptor at a time
+        and no recursion (``shutil.rmtree`` recurses, and a few thousand levels raise
+        RecursionError), by names relative to the directory in hand (a deep path is longer
+        than the kernel takes), never following a symbolic link. Nothing else writes in the
+        tree meanwhile: its job has ended and it sits in a directory only root may enter, so
+        ``..`` leads back the way the walk came. Raises OSError if something cannot go.
+        """
+        fd = os.open(path, _DIRECTORY)
+        names: list[str] = []  # the walk's way down from ``path``
+        try:
+            while True:
+                child = _clear_files(fd)
+                if child is not None:
+                    inner = os.open(child, _DIRECTORY, dir_fd=fd)
+                    os.close(fd)
+                    fd = inner
+                    names.append(child)
+                    continue
+                if not names:
+                    break
+                parent = os.open("..", _DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                os.rmdir(names.pop(), dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(path)
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _clear_files(fd: int) -> str | None:
+    """Unlink every entry of the directory open as ``fd`` that is not a directory, up to its
+    first subdirectory; return that one's name, or None once the directory is empty."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                return entry.name
+            os.unlink(entry.name, dir_fd=fd)
+    return None

@@ -103,6 +103,15 @@ class _Ready:
     log_fd: int
 
 
+def _delete_dir(path: Path) -> None:
+    """Delete a removed job's directory; a failure is logged (what is left stays for the next
+    start), never raised into the worker."""
+    try:
+        WorkDirs.delete(path)
+    except OSError as exc:
+        log.error("cannot delete %s (a removed job's directory): %s", path, exc)
+
+
 class Worker:
     """Starts, stops, reports on and streams the output of jobs.
 
@@ -272,13 +281,13 @@ class Worker:
         """Delete a discarded directory in a thread: it may hold any number of files. While
         the worker starts or closes (no task to run it in), here and now."""
         if self._task_group is None or self._closing:
-            WorkDirs.delete(path)
+            _delete_dir(path)
         else:
             self._task_group.start_soon(self._delete, path)
 
     async def _delete(self, path: Path) -> None:
         # Abandoned if the worker stops first: the next one deletes what is left (_recover).
-        await anyio.to_thread.run_sync(WorkDirs.delete, path, abandon_on_cancel=True)
+        await anyio.to_thread.run_sync(_delete_dir, path, abandon_on_cancel=True)
 
     # Leaving.
 
