@@ -14,8 +14,8 @@ what is left there when it next starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -57,8 +57,9 @@ class WorkDirs:
             pass
 
     def remove(self, path: Path) -> None:
-        """Delete a directory now (one just made, nearly empty)."""
-        shutil.rmtree(path, ignore_errors=True)
+        """Delete a directory now, if it is there (one just made, or a start undone)."""
+        with contextlib.suppress(OSError):
+            self.delete(path)
 
     def discard(self, path: Path) -> Path | None:
         """Move a directory out of the job directories at once; return where it went, for
