@@ -15,6 +15,7 @@ from jobworker.cli.render import (
     status_json,
     status_lines,
     status_table,
+    unique_prefix_length,
 )
 from jobworker.models import JobState, JobStatus, Limits, Usage
 
@@ -115,3 +116,10 @@ def test_the_table_has_short_ids_ages_run_times_and_cut_commands() -> None:
     ]
     whole = status_table([running], now=now, truncate=False)[1]
     assert running.id in whole and whole.endswith("argument-9")
+
+
+def test_short_ids_grow_until_they_tell_the_jobs_apart() -> None:
+    ids = ["3f2b8c1e-7d4a-0000", "3f2b8c1e-7d4b-0000", "9a0b8c1e-0000-0000"]
+    assert unique_prefix_length(ids) == 13, "two share 12 characters"
+    assert unique_prefix_length(ids[1:]) == 8, "8 at least"
+    assert unique_prefix_length([]) == 8

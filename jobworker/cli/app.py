@@ -26,7 +26,13 @@ from typer.exceptions import Abort
 
 from jobworker import __version__
 from jobworker.cli import certs, coerce
-from jobworker.cli.render import short_command, status_json, status_lines, status_table
+from jobworker.cli.render import (
+    short_command,
+    status_json,
+    status_lines,
+    status_table,
+    unique_prefix_length,
+)
 from jobworker.client.config import (
     DEFAULT_RECONNECT_FOR,
     DEFAULT_SERVER,
@@ -560,16 +566,17 @@ def list_jobs(
 ) -> None:
     """List the jobs you may see, oldest first (ids in the table are short: any unique
     prefix of an id names its job)."""
-    jobs = with_client(ctx, lambda client: client.list())
-    if state:
-        jobs = [job for job in jobs if job.state in state]
+    visible = with_client(ctx, lambda client: client.list())
+    jobs = [job for job in visible if job.state in state] if state else visible
     if quiet:
         for job in jobs:
             typer.echo(job.id)
     elif json_output:
         typer.echo(json.dumps([status_json(j) for j in jobs], indent=2))
     else:
-        typer.echo("\n".join(status_table(jobs, truncate=not no_trunc)))
+        # Short ids that tell apart every job the caller sees, not only those shown.
+        length = unique_prefix_length([job.id for job in visible])
+        typer.echo("\n".join(status_table(jobs, truncate=not no_trunc, id_length=length)))
 
 
 def _write(data: bytes) -> None:

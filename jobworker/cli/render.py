@@ -7,6 +7,7 @@ programs: times in ISO 8601 UTC, numbers in their base units, as the API has the
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import signal
 from datetime import UTC, datetime
@@ -201,6 +202,18 @@ SHORT_ID = 8
 COMMAND_WIDTH = 48
 
 
+def unique_prefix_length(ids: list[str], least: int = SHORT_ID) -> int:
+    """The shortest length, at least ``least``, at which no two of ``ids`` share a prefix."""
+    length = least
+    ordered = sorted(ids)
+    for first, second in itertools.pairwise(ordered):
+        common = 0
+        while common < min(len(first), len(second)) and first[common] == second[common]:
+            common += 1
+        length = max(length, common + 1)
+    return length
+
+
 def short_command(status: JobStatus, width: int = COMMAND_WIDTH) -> str:
     """The job's command line, cut to ``width`` characters with an ellipsis."""
     command = _command(status)
@@ -213,15 +226,20 @@ def _run_time(status: JobStatus, now: datetime) -> str:
 
 
 def status_table(
-    jobs: list[JobStatus], now: datetime | None = None, truncate: bool = True
+    jobs: list[JobStatus],
+    now: datetime | None = None,
+    truncate: bool = True,
+    id_length: int | None = None,
 ) -> list[str]:
-    """One line per job under a header: a short id (a unique prefix in most tables; the CLI
-    takes any unique prefix), state, result, owner, age, run time so far, and command."""
+    """One line per job under a header: a short id, state, result, owner, age, run time so
+    far, and command. The short ids are ``id_length`` long, by default as long as it takes to
+    tell these jobs apart (the CLI takes any unique prefix of an id)."""
     now = now or datetime.now(UTC)
+    id_length = id_length or unique_prefix_length([j.id for j in jobs])
     header = ("ID", "STATE", "RESULT", "OWNER", "AGE", "DURATION", "COMMAND")
     rows = [
         (
-            j.id[:SHORT_ID] if truncate else j.id,
+            j.id[:id_length] if truncate else j.id,
             j.state.value,
             _outcome(j),
             j.owner,
