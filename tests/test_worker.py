@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from jobworker.errors import (
     WorkerClosed,
 )
 from jobworker.worker import JobSpec, JobState, Limits, Worker, WorkerConfig
+from jobworker.worker.config import OnExit
 from jobworker.worker.process import HELPER_PROCESSES
 
 pytestmark = pytest.mark.anyio
@@ -175,6 +177,39 @@ async def test_leaving_the_worker_stops_jobs_and_removes_cgroups(
     assert not cgroup_root.exists()
     with pytest.raises(WorkerClosed):
         await worker.start(JobSpec("true"))
+
+
+async def test_a_running_job_costs_no_task_and_its_end_is_still_seen(worker: Worker) -> None:
+    before = len(asyncio.all_tasks())
+    ids = [await run(worker, "sleep 300") for _ in range(20)]
+    assert len(asyncio.all_tasks()) == before, "a running job kept a task of its own"
+    ends = [await run(worker, f"exit {code}") for code in range(3)]
+    with anyio.fail_after(30):
+        for job_id in ends:
+            await read_all(worker, job_id)  # ends once the job has ended
+    finals = [worker.status(job_id) for job_id in ends]
+    assert [(s.state, s.exit_code) for s in finals] == [(JobState.COMPLETED, c) for c in range(3)]
+    for job_id in ids:
+        await worker.stop(job_id)
+    assert {worker.status(i).state for i in ids} == {JobState.STOPPED}
+    assert job_cgroups(worker) == []
+
+
+async def test_a_worker_that_leaves_its_jobs_running_stops_watching_them(
+    config: WorkerConfig, cgroup_root: Path
+) -> None:
+    before = open_fds()
+    async with Worker(replace(config, on_exit=OnExit.KEEP)) as worker:
+        ids = [await run(worker, "sleep 300") for _ in range(3)]
+        pids = [worker.status(i).pid for i in ids]
+    try:
+        assert all(pid_exists(p) for p in pids), "a job left to the next server was stopped"
+        assert open_fds() <= before, "the worker kept a running job's descriptor"
+    finally:
+        async with Worker(config):  # adopts them, and stops them as it leaves
+            pass
+        cgroup_root.rmdir()  # the first worker made it, so the second leaves it
+    assert not any(pid_exists(p) for p in pids)
 
 
 async def test_job_cgroups_left_by_a_dead_worker_are_reaped(

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
 
 from jobworker.errors import InvalidOffset
 from jobworker.models import OutputChunk
+from jobworker.worker.flags import Wakeup
 from jobworker.worker.holes import next_data, next_hole
-from jobworker.worker.notify import FileWatcher, Wakeup
+from jobworker.worker.notify import FileWatcher, Watched
 
 __all__ = ["OutputStream", "create_log"]
 
@@ -59,8 +59,8 @@ class OutputStream:
         self._ended = ended
         self._end_waiters = end_waiters
         self._waiter = Wakeup()
+        self._watched: Watched | None = None
         self._fd = -1
-        self._stack = AsyncExitStack()
 
     @property
     def offset(self) -> int:
@@ -68,20 +68,20 @@ class OutputStream:
         return self._offset
 
     async def __aenter__(self) -> OutputStream:
-        async with AsyncExitStack() as stack:
+        try:
             # Watch first, then read: a write between the two still wakes this reader.
             self._end_waiters.add(self._waiter)
-            stack.callback(self._end_waiters.discard, self._waiter)
-            await stack.enter_async_context(self._watcher.watch(self._path, self._waiter))
+            self._watched = self._watcher.add(self._path, self._waiter)
             self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
-            stack.callback(os.close, self._fd)
             if self._ended():
                 size = os.fstat(self._fd).st_size
                 if self._offset > size:
                     raise InvalidOffset(
                         f"offset {self._offset} is past the end of the output ({size} bytes)"
                     )
-            self._stack = stack.pop_all()
+        except BaseException:
+            self._release()
+            raise
         return self
 
     async def __aexit__(
@@ -90,12 +90,20 @@ class OutputStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        self._release()
 
     async def aclose(self) -> None:
         """Release the file and the watch. Safe to call more than once."""
-        self._fd = -1
-        await self._stack.aclose()
+        self._release()
+
+    def _release(self) -> None:
+        self._end_waiters.discard(self._waiter)
+        if self._watched is not None:
+            self._watcher.discard(self._watched, self._waiter)
+            self._watched = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __aiter__(self) -> OutputStream:
         return self

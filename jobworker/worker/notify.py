@@ -11,7 +11,6 @@ a change that happens between the read and the wait then still wakes it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -22,32 +21,18 @@ from types import TracebackType
 import anyio
 from asyncinotify import Inotify, Mask, Watch
 
-__all__ = ["FileWatcher", "Wakeup"]
+from jobworker.worker.flags import Wakeup
+
+__all__ = ["FileWatcher", "Watched"]
 
 log = logging.getLogger(__name__)
 
 _MASK = Mask.MODIFY | Mask.DELETE_SELF
 
 
-class Wakeup:
-    """A level-triggered flag that file changes (and job ends) set."""
+class Watched:
+    """The waiters of one kernel watch (a handle for :meth:`FileWatcher.discard`)."""
 
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
-class _Watched:
     __slots__ = ("path", "waiters", "watch")
 
     def __init__(self, watch: Watch, path: Path) -> None:
@@ -61,7 +46,7 @@ class FileWatcher:
 
     def __init__(self) -> None:
         self._inotify: Inotify | None = None
-        self._by_wd: dict[int, _Watched] = {}
+        self._by_wd: dict[int, Watched] = {}
         self._task_group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> FileWatcher:
@@ -97,31 +82,41 @@ class FileWatcher:
         """How many kernel watches are held now."""
         return len(self._by_wd)
 
-    @asynccontextmanager
-    async def watch(self, path: Path, waiter: Wakeup | None = None) -> AsyncIterator[Wakeup]:
-        """Wake the yielded waiter whenever ``path`` is modified (or removed).
+    def add(self, path: Path, waiter: Wakeup) -> Watched:
+        """Wake ``waiter`` whenever ``path`` is modified (or removed), until :meth:`discard`.
 
         The watch is in place when this returns, so a read that follows sees every change
         or is woken by it.
         """
         if self._inotify is None:
             raise RuntimeError("FileWatcher is not running")
-        waiter = waiter or Wakeup()
         watch = self._inotify.add_watch(path, _MASK)
-        wd = watch.wd
-        watched = self._by_wd.get(wd)
+        watched = self._by_wd.get(watch.wd)
         if watched is None:
-            watched = self._by_wd[wd] = _Watched(watch, path)
+            watched = self._by_wd[watch.wd] = Watched(watch, path)
         watched.waiters.add(waiter)
-        try:
-            yield waiter
-        finally:
-            watched.waiters.discard(waiter)
-            if not watched.waiters and self._by_wd.get(wd) is watched:
-                del self._by_wd[wd]
+        return watched
+
+    def discard(self, watched: Watched, waiter: Wakeup) -> None:
+        """Stop waking ``waiter``; the kernel watch goes with the file's last waiter."""
+        watched.waiters.discard(waiter)
+        wd = watched.watch.wd
+        if not watched.waiters and self._by_wd.get(wd) is watched:
+            del self._by_wd[wd]
+            if self._inotify is not None:
                 # OSError: the file is already gone, and the kernel dropped the watch.
                 with contextlib.suppress(OSError):
                     self._inotify.rm_watch(watched.watch)
+
+    @asynccontextmanager
+    async def watch(self, path: Path, waiter: Wakeup | None = None) -> AsyncIterator[Wakeup]:
+        """:meth:`add` for the duration of a ``with`` block; yields the waiter."""
+        waiter = waiter or Wakeup()
+        watched = self.add(path, waiter)
+        try:
+            yield waiter
+        finally:
+            self.discard(watched, waiter)
 
     async def _dispatch(self) -> None:
         assert self._inotify is not None

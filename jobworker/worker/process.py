@@ -28,7 +28,7 @@ import fcntl
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -165,12 +165,33 @@ class Monitor:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._pidfd = os.pidfd_open(pid)
+        self._notifying = False
         self.returncode: int | None = None
+
+    def on_exit(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once, in the event loop, when the process has exited (it is
+        then a zombie, for :meth:`wait` to collect). No task waits meanwhile: a running job
+        costs the worker a descriptor and a selector entry. :meth:`wait` and :meth:`close`
+        cancel it."""
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            self._stop_notifying()
+            callback()
+
+        loop.add_reader(self._pidfd, exited)
+        self._notifying = True
+
+    def _stop_notifying(self) -> None:
+        if self._notifying:
+            self._notifying = False
+            asyncio.get_running_loop().remove_reader(self._pidfd)
 
     async def wait(self) -> int:
         """The exit status, as ``Popen.returncode`` puts it (minus the signal number)."""
         if self.returncode is not None:
             return self.returncode
+        self._stop_notifying()
         while True:
             try:
                 # WNOHANG: never blocks; the pidfd said the process is gone.
@@ -189,6 +210,7 @@ class Monitor:
 
     def close(self) -> None:
         """Stop watching the process (it goes on); its exit status is then not collected."""
+        self._stop_notifying()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1

@@ -13,11 +13,9 @@ import logging
 import sqlite3
 from collections.abc import Iterator
 
-import anyio
-
 from jobworker.errors import JobNotFound
 from jobworker.models import JobStatus, parse_job_id
-from jobworker.worker.notify import Wakeup
+from jobworker.worker.flags import Latch, Wakeup
 from jobworker.worker.runner import RunningJob
 from jobworker.worker.store import JobStore
 
@@ -33,7 +31,7 @@ class JobTable:
         self._store = store
         self._records: dict[str, JobStatus] = {}
         self._running: dict[str, RunningJob] = {}
-        self._ends: dict[str, anyio.Event] = {}
+        self._ends: dict[str, Latch] = {}
         self._end_waiters: dict[str, set[Wakeup]] = {}
         self._running_by_owner: dict[tuple[str, str], int] = {}
 
@@ -62,8 +60,7 @@ class JobTable:
         owner = (job.status.owner, job.status.owner_role)
         self._running_by_owner[owner] = self._running_by_owner.get(owner, 0) + 1
         self._running[job.id] = job
-        self._ends[job.id] = anyio.Event()
-        self._end_waiters.setdefault(job.id, set())
+        self._ends[job.id] = Latch()
 
     def update(self, status: JobStatus) -> bool:
         """A change to a job's record, such as a stop request; False if it could not be
@@ -134,7 +131,9 @@ class JobTable:
 
     def end_waiters(self, job_id: str) -> set[Wakeup]:
         """The wake-ups to set when ``job_id`` ends (an empty set for an ended job)."""
-        return self._end_waiters.get(job_id, set())
+        if job_id not in self._running:
+            return set()
+        return self._end_waiters.setdefault(job_id, set())
 
     async def wait_end(self, job_id: str) -> JobStatus:
         event = self._ends.get(job_id)

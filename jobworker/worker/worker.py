@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -65,10 +66,11 @@ from jobworker.models import (
 from jobworker.worker.accounts import Account, UidPool, host_account
 from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
 from jobworker.worker.config import OnExit, WorkerConfig
+from jobworker.worker.flags import Wakeup
 from jobworker.worker.holes import ALIGN, OutputCap, dropped_bytes
 from jobworker.worker.lock import exclusive
 from jobworker.worker.logs import OutputStream, create_log
-from jobworker.worker.notify import FileWatcher, Wakeup
+from jobworker.worker.notify import FileWatcher
 from jobworker.worker.process import (
     Launch,
     Monitor,
@@ -179,6 +181,7 @@ class Worker:
                 stack.callback(self._reaper.uninstall)
             stack.enter_context(self._table.store.opened())
             await stack.enter_async_context(self._watcher)
+            stack.callback(self._close_monitors)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._on_exit)
             await self._recover()
@@ -379,7 +382,11 @@ class Worker:
             self._release(account)
             raise
         self._watch_output(job.status)
-        self._task_group.start_soon(self._supervise, job)
+        # No task per running job: its end is seen by the event loop, and only then does a
+        # task take over (to empty its cgroup and record it).
+        monitor = job.monitor
+        assert monitor is not None
+        monitor.on_exit(partial(self._monitor_exited, job))
         log.info(
             "job %s started for %r as uid %d: %s %s (pid %d)",
             job_id, spec.owner, account.uid, program, list(spec.args), job.status.pid,
@@ -520,6 +527,15 @@ class Worker:
     def _drop(self, ready: _Ready) -> None:
         os.close(ready.log_fd)
         self._forget_files(ready.job_id)
+
+    def _monitor_exited(self, job: RunningJob) -> None:
+        assert self._task_group is not None
+        self._task_group.start_soon(self._supervise, job)
+
+    def _close_monitors(self) -> None:
+        """Stop watching the monitors of jobs that have not ended (the worker leaves)."""
+        for monitor in self._children.values():
+            monitor.close()
 
     async def _supervise(self, job: RunningJob) -> None:
         monitor = job.monitor
