@@ -47,7 +47,7 @@ from jobworker.server.receive import install_receive_limits
 from jobworker.server.service import WorkerService
 from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
-from jobworker.server.tuning import raise_open_file_limit, tune_malloc
+from jobworker.server.tuning import raise_open_file_limit, shrink_tls_read_buffers, tune_malloc
 from jobworker.worker import Worker, WorkerConfig
 from jobworker.worker.config import OnExit
 from jobworker.worker.reaper import set_child_subreaper
@@ -193,6 +193,7 @@ async def serve(config: ServerConfig) -> None:
     raise_open_file_limit()
     capacity.check()
     tune_malloc()
+    shrink_tls_read_buffers()
     config = replace(config, worker=replace(config.worker, reap_orphans=True))
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         if (held := held_stop_signal()) is not None:

@@ -1,6 +1,7 @@
-"""Process-wide settings for a long-running server: descriptors and the C allocator.
+"""Process-wide settings for a long-running server: descriptors, the C allocator and TLS
+read buffers.
 
-Both are applied by :func:`jobworker.server.app.serve`, which owns its process; a program
+All are applied by :func:`jobworker.server.app.serve`, which owns its process; a program
 that embeds :class:`~jobworker.server.app.JobworkerServer` decides for itself.
 """
 
@@ -10,9 +11,10 @@ import ctypes
 import logging
 import os
 import resource
+from asyncio import sslproto
 from typing import Final
 
-__all__ = ["raise_open_file_limit", "tune_malloc"]
+__all__ = ["raise_open_file_limit", "shrink_tls_read_buffers", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +24,7 @@ _M_MMAP_THRESHOLD: Final = -3
 
 MMAP_THRESHOLD: Final = 4 * 1024 * 1024
 TRIM_THRESHOLD: Final = 32 * 1024 * 1024
+TLS_READ_BUFFER: Final = 32 * 1024
 
 
 def raise_open_file_limit() -> int:
@@ -68,3 +71,21 @@ def tune_malloc() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def shrink_tls_read_buffers() -> bool:
+    """Read each TLS connection through a 32 KiB buffer, not asyncio's 256 KiB; True if
+    applied.
+
+    asyncio allocates and zeroes the buffer a TLS connection's incoming bytes are read into
+    as the connection is made: 256 KiB of resident memory per connection, 28 MB for the 112
+    connections that carry 10,000 followers, 2.5 GB for 10,000 idle connections. A server
+    receives small requests, and 32 KiB holds two full TLS records. It applies to every
+    asyncio TLS connection of the process (``asyncio.sslproto.SSLProtocol.max_size``, which
+    is not public API: skipped where it is missing).
+    """
+    protocol = getattr(sslproto, "SSLProtocol", None)
+    if not isinstance(getattr(protocol, "max_size", None), int):
+        return False
+    protocol.max_size = TLS_READ_BUFFER  # type: ignore[union-attr]
+    return True
