@@ -51,7 +51,17 @@ main()
 """
 
 
-@pytest.mark.parametrize("words", [("--help",), ("status", "{job}"), ("list", "-q")])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ("--help",),
+        ("status", "{job}"),
+        ("list", "-q"),
+        ("logs", "--tail", "1", "{job}"),
+        ("stream", "--offset", "0", "{job}"),
+        ("start", "--env", "A=1", "--cwd", "/", "--json", "true"),
+    ],
+)
 def test_client_commands_load_no_server_pki_or_pydantic_code(
     served: Served, words: tuple[str, ...]
 ) -> None:

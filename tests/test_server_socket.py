@@ -111,3 +111,13 @@ def test_a_tls_connection_costs_the_server_no_256_kib_read_buffer(
     # asyncio's own read buffer alone would be 256 KiB (measured: about 300 KiB with it,
     # 80 KiB without).
     assert per_connection < 160, f"each TLS connection costs the server {per_connection} KiB"
+
+
+def test_serve_leaves_pydantic_unloaded(tmp_path: Path, cgroup_root: Path) -> None:
+    from helpers import serving
+
+    with serving(tmp_path, cgroup_root) as server:
+        server.start("true")  # one call of each kind the messages serve
+        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert "jobworker" in maps or "python" in maps  # the map of a live server was read
+    assert "pydantic_core" not in maps, "serve loaded pydantic (about 3 MB) for nothing"

@@ -3,19 +3,22 @@
 typer 0.29 converts every parameter's value through a pydantic ``TypeAdapter``, built on first
 use: for one ``jobworker status ID`` that means importing pydantic and building adapters, about
 70 ms, several times the interpreter's own start. Parameters of the types this CLI uses
-(``str``, ``bool``, ``Path``, enums, and lists of ``str`` or of an enum) get a converter here
-instead, made of typer's own checks for paths and choices, which need no pydantic. Every other
-parameter, and every value these cannot take (an invalid choice, for typer's own error message),
-keeps typer's conversion.
+(``str``, ``bool``, ``int``, ``float``, ``Path``, enums, lists of ``str`` or of an enum, and
+each of these or ``None``) get a converter here instead, made of typer's own checks for paths
+and choices, which need no pydantic. Every other parameter, and every value these cannot take
+(an invalid number or choice, a number out of range, for typer's own error message), keeps
+typer's conversion.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 from typer._click.core import Command, Context
 from typer._coercion import RuntimeParam, build_runtime_param
@@ -35,11 +38,30 @@ class _Unhandled(Exception):
     """The value is left to typer's own conversion."""
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)")
+
+
+def _number(annotation: type[int] | type[float], info: ParameterInfo, value: Any) -> Any:
+    if isinstance(value, str):
+        if not (_INTEGER if annotation is int else _DECIMAL).fullmatch(value):
+            raise _Unhandled
+        value = annotation(value)
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Unhandled
+    low, high = info.min, info.max
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _Unhandled
+    return annotation(value)
+
+
 def _leaf(annotation: Any, info: ParameterInfo, value: Any, param: _Param, ctx: Context) -> Any:
     if annotation is str and isinstance(value, str):
         return value
     if annotation is bool and isinstance(value, bool):
         return value
+    if annotation is int or annotation is float:
+        return _number(annotation, info, value)
     if annotation is Path and isinstance(value, str | Path):
         return coerce_cli_path(Path(value), info, path_type=Path, param=param, ctx=ctx)
     if isinstance(annotation, type) and issubclass(annotation, Enum):
@@ -57,7 +79,9 @@ class _Plain(RuntimeParam):
     def _coerce_value(self, value: Any, param: _TyperParameter, ctx: Context) -> Any:
         assert isinstance(param, _Param)
         info = self.parameter_info
-        annotation: Any = self.annotation
+        annotation: Any = _optional(self.annotation)
+        if value is None and annotation is not self.annotation:
+            return None
         try:
             if get_origin(annotation) is list:
                 if not isinstance(value, list | tuple):
@@ -69,8 +93,17 @@ class _Plain(RuntimeParam):
             return build_runtime_param(param.type_descriptor)._coerce_value(value, param, ctx)
 
 
+def _optional(annotation: Any) -> Any:
+    """``X`` of ``X | None``; else ``annotation`` itself."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(args) == 1 and len(get_args(annotation)) == 2:
+            return args[0]
+    return annotation
+
+
 def _leaf_type(annotation: Any) -> bool:
-    if annotation in (str, bool, Path):
+    if annotation in (str, bool, int, float, Path):
         return True
     return isinstance(annotation, type) and issubclass(annotation, Enum)
 
@@ -80,9 +113,9 @@ def _handled(param: _Param) -> bool:
     info = descriptor.parameter_info
     if info.parser is not None or descriptor.file_annotation is not None:
         return False
-    if info.path_type is not None:
+    if info.path_type is not None or info.clamp:
         return False
-    annotation: Any = descriptor.annotation
+    annotation: Any = _optional(descriptor.annotation)
     if get_origin(annotation) is list:
         args = get_args(annotation)
         return len(args) == 1 and args[0] is not bool and _leaf_type(args[0])
