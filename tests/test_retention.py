@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -144,6 +145,45 @@ async def test_a_stream_open_during_removal_reads_to_the_end_and_ends(worker: Wo
     assert bytes(got) == b"x" * 1_000_000
     with pytest.raises(JobNotFound):
         worker.output(job_id)
+
+
+async def test_an_idle_follower_reads_the_tail_of_a_job_pruned_as_it_ends(
+    config: WorkerConfig,
+) -> None:
+    """An idle follower holds no descriptor, yet a job removed the moment it ends (kept
+    jobs: 0) still gives it every byte: the end reopens the log before anything prunes."""
+    async with Worker(replace(config, retain_jobs=0)) as worker:
+        status = await worker.start(JobSpec("sh", ("-c", "echo head; exec sleep 60")))
+        log = config.data_dir / "logs" / f"{status.id}.log"
+        with anyio.fail_after(30):
+            async with worker.output(status.id) as stream:
+                assert log_holders(log) != [], "the check below cannot see a held log"
+                async for chunk in stream:
+                    assert chunk.data == b"head\n"
+                    break
+                await anyio.sleep(0.1)  # the reader has caught up, and would wait now
+                with anyio.move_on_after(0.1):
+                    await stream.__anext__()
+                assert log_holders(log) == [], "an idle follower held the log open"
+            final = await worker.stop(status.id)  # pruned as it ends: still its status
+            assert final.state is JobState.STOPPED
+            pruned = await worker.start(JobSpec("sh", ("-c", "echo head; sleep 0.5; echo tail")))
+            got = bytearray()
+            async with worker.output(pruned.id) as stream:
+                async for chunk in stream:
+                    got += chunk.data
+        assert bytes(got) == b"head\ntail\n"
+        await wait_gone(worker, [pruned.id])
+
+
+def log_holders(log: Path) -> list[int]:
+    """This process's descriptors open on ``log``."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/self/fd/{fd}") == str(log):
+                held.append(int(fd))
+    return held
 
 
 async def test_prune_by_age_and_owner(worker: Worker) -> None:

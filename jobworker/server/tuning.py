@@ -30,9 +30,9 @@ TLS_READ_BUFFER: Final = 32 * 1024
 def raise_open_file_limit() -> int:
     """Raise this process's soft open-file limit to its hard limit; return the soft limit.
 
-    Every job holds descriptors (a pidfd, and on Python 3.12+ asyncio's own pidfd), and every
-    output stream one for its log file: at the usual soft limit of 1024, some 1,000 jobs with
-    followers end in EMFILE. The hard limit is the ceiling the administrator set.
+    Every running job holds a descriptor (its monitor's pidfd), and every output stream one
+    for its log file while it reads: at the usual soft limit of 1024, some 1,000 jobs end in
+    EMFILE. The hard limit is the ceiling the administrator set.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20

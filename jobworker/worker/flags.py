@@ -9,8 +9,15 @@ These hold a future only while someone waits.
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
-__all__ = ["Latch", "Wakeup"]
+__all__ = ["Latch", "Waker", "Wakeup"]
+
+
+class Waker(Protocol):
+    """What a job's end sets (a :class:`Wakeup`, or an object that does more)."""
+
+    def set(self) -> None: ...
 
 
 class Wakeup:

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from jobworker.errors import InvalidOffset
 from jobworker.models import OutputChunk
-from jobworker.worker.flags import Wakeup
+from jobworker.worker.flags import Waker, Wakeup
 from jobworker.worker.holes import next_data, next_hole
 from jobworker.worker.notify import FileWatcher, Watched
 
@@ -39,6 +39,11 @@ class OutputStream:
     Use it as ``async with worker.output(job_id) as stream: async for chunk in stream``.
     Leaving the ``async with`` (normally, by error or by cancellation) releases the file and
     the inotify watch at once.
+
+    A reader that has caught up with a running job closes its file while it waits: an idle
+    follower holds an inotify watch, not a descriptor. It opens the log again when the job
+    writes, or at once when the job ends (``end_waiters`` are set as the end is recorded,
+    before anything can remove an ended job's log), so it always reads to the end.
     """
 
     def __init__(
@@ -48,7 +53,7 @@ class OutputStream:
         chunk_size: int,
         watcher: FileWatcher,
         ended: Callable[[], bool],
-        end_waiters: set[Wakeup],
+        end_waiters: set[Waker],
     ) -> None:
         if offset < 0:
             raise InvalidOffset(f"offset must not be negative, not {offset}")
@@ -59,8 +64,10 @@ class OutputStream:
         self._ended = ended
         self._end_waiters = end_waiters
         self._waiter = Wakeup()
+        self._at_end = _AtJobEnd(self)
         self._watched: Watched | None = None
         self._fd = -1
+        self._reopen_error: OSError | None = None
 
     @property
     def offset(self) -> int:
@@ -70,9 +77,9 @@ class OutputStream:
     async def __aenter__(self) -> OutputStream:
         try:
             # Watch first, then read: a write between the two still wakes this reader.
-            self._end_waiters.add(self._waiter)
+            self._end_waiters.add(self._at_end)
             self._watched = self._watcher.add(self._path, self._waiter)
-            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            self._open()
             if self._ended():
                 size = os.fstat(self._fd).st_size
                 if self._offset > size:
@@ -97,30 +104,49 @@ class OutputStream:
         self._release()
 
     def _release(self) -> None:
-        self._end_waiters.discard(self._waiter)
+        self._end_waiters.discard(self._at_end)
         if self._watched is not None:
             self._watcher.discard(self._watched, self._waiter)
             self._watched = None
+        self._close()
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _job_ended(self) -> None:
+        """The job's end is being recorded: hold the log open from now on."""
+        try:
+            self._open()
+        except OSError as exc:
+            self._reopen_error = exc
+        self._waiter.set()
 
     def __aiter__(self) -> OutputStream:
         return self
 
     async def __anext__(self) -> OutputChunk:
-        if self._fd < 0:
+        if self._watched is None:
             raise StopAsyncIteration
         while True:
             # Arm before reading; decide "ended" before the read that may find nothing.
             self._waiter.clear()
             ended = self._ended()
+            if self._reopen_error is not None:
+                raise self._reopen_error
+            self._open()  # after a wait: the job is running, or its end opened it
             chunk = self._read()
             if chunk is not None:
                 self._offset = chunk.end
                 return chunk
             if ended:
                 raise StopAsyncIteration
+            self._close()
             await self._waiter.wait()
 
     def _read(self) -> OutputChunk | None:
@@ -133,3 +159,15 @@ class OutputStream:
         size = min(self._chunk_size, next_hole(self._fd, self._offset) - self._offset)
         data = os.pread(self._fd, size, self._offset)
         return OutputChunk(self._offset, data) if data else None
+
+
+class _AtJobEnd:
+    """An output stream's end waiter (see :meth:`OutputStream._job_ended`)."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: OutputStream) -> None:
+        self._stream = stream
+
+    def set(self) -> None:
+        self._stream._job_ended()

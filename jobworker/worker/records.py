@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from jobworker.errors import JobNotFound
 from jobworker.models import JobStatus, parse_job_id
-from jobworker.worker.flags import Latch, Wakeup
+from jobworker.worker.flags import Latch, Waker
 from jobworker.worker.runner import RunningJob
 from jobworker.worker.store import JobStore
 
@@ -31,8 +31,8 @@ class JobTable:
         self._store = store
         self._records: dict[str, JobStatus] = {}
         self._running: dict[str, RunningJob] = {}
-        self._ends: dict[str, Latch] = {}
-        self._end_waiters: dict[str, set[Wakeup]] = {}
+        self._ends: dict[str, _End] = {}
+        self._end_waiters: dict[str, set[Waker]] = {}
         self._running_by_owner: dict[tuple[str, str], int] = {}
 
     @property
@@ -60,7 +60,7 @@ class JobTable:
         owner = (job.status.owner, job.status.owner_role)
         self._running_by_owner[owner] = self._running_by_owner.get(owner, 0) + 1
         self._running[job.id] = job
-        self._ends[job.id] = Latch()
+        self._ends[job.id] = _End()
 
     def update(self, status: JobStatus) -> bool:
         """A change to a job's record, such as a stop request; False if it could not be
@@ -83,9 +83,10 @@ class JobTable:
             self._running_by_owner[owner] -= 1
             if not self._running_by_owner[owner]:
                 del self._running_by_owner[owner]
-        event = self._ends.pop(final.id, None)
-        if event is not None:
-            event.set()
+        end = self._ends.pop(final.id, None)
+        if end is not None:
+            end.final = final
+            end.set()
         for waiter in self._end_waiters.pop(final.id, set()):
             waiter.set()
         return saved
@@ -129,14 +130,28 @@ class JobTable:
     def is_ended(self, job_id: str) -> bool:
         return job_id not in self._running
 
-    def end_waiters(self, job_id: str) -> set[Wakeup]:
+    def end_waiters(self, job_id: str) -> set[Waker]:
         """The wake-ups to set when ``job_id`` ends (an empty set for an ended job)."""
         if job_id not in self._running:
             return set()
         return self._end_waiters.setdefault(job_id, set())
 
     async def wait_end(self, job_id: str) -> JobStatus:
-        event = self._ends.get(job_id)
-        if event is not None:
-            await event.wait()
-        return self._records[job_id]
+        """The final status of ``job_id``, once recorded (even if the job is removed
+        at once, by retention)."""
+        end = self._ends.get(job_id)
+        if end is None:
+            return self._records[job_id]
+        await end.wait()
+        assert end.final is not None
+        return end.final
+
+
+class _End(Latch):
+    """Set when a job's end is recorded; holds its final status."""
+
+    __slots__ = ("final",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.final: JobStatus | None = None
