@@ -15,6 +15,7 @@ def test_the_bounds_are_this_hosts_limits() -> None:
     found = {bound.name: bound for bound in bounds()}
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert found["open files"].limit == soft
+    assert found["open files"].per_job == 1, "a job's pidfd; an idle follower holds none"
     watches = int(Path("/proc/sys/fs/inotify/max_user_watches").read_text())
     assert found["inotify watches"].limit == watches
     assert found["process ids"].limit == int(Path("/proc/sys/kernel/pid_max").read_text())

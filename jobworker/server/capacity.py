@@ -4,7 +4,8 @@ Every running job costs the server a few host resources, and each follower of it
 or two more. The numbers below are what the code holds (see docs/performance.md, "What bounds
 the number of jobs"):
 
-* open files of the server process: the job's pidfd, and per follower its log file;
+* open files of the server process: the job's pidfd (a follower holds the log open only while
+  it reads: one that waits for output holds none);
 * inotify watches (``fs.inotify.max_user_watches``, counted for the user across all its
   processes): the job's ``cgroup.events``, and one per followed log;
 * process ids (``kernel.pid_max``, host-wide): the job's monitor, its init and its program;
@@ -102,7 +103,7 @@ def bounds() -> list[Bound]:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         found.append(
-            Bound("open files", soft, 2, _FDS_RESERVED, "LimitNOFILE= (systemd) or ulimit -n")
+            Bound("open files", soft, 1, _FDS_RESERVED, "LimitNOFILE= (systemd) or ulimit -n")
         )
     watches = _read_int(Path("/proc/sys/fs/inotify/max_user_watches"))
     if watches is not None:
