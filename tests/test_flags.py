@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from jobworker.worker.flags import Latch, Wakeup
+from jobworker.worker.flags import Flag, Wakeup
 
 pytestmark = pytest.mark.anyio
 
@@ -52,12 +52,12 @@ async def test_a_wakeup_refuses_a_second_waiter_and_recovers_from_a_cancelled_on
         await wakeup.wait()  # the cancelled waiter left nothing behind
 
 
-async def test_a_latch_wakes_every_waiter_and_stays_set() -> None:
-    latch = Latch()
+async def test_a_flag_wakes_every_waiter_and_stays_set() -> None:
+    flag = Flag()
     woken = []
 
     async def waiter(n: int) -> None:
-        await latch.wait()
+        await flag.wait()
         woken.append(n)
 
     with anyio.fail_after(1):
@@ -66,16 +66,16 @@ async def test_a_latch_wakes_every_waiter_and_stays_set() -> None:
                 tg.start_soon(waiter, n)
             await anyio.sleep(0.01)
             assert not woken
-            latch.set()
-        await latch.wait()
+            flag.set()
+        await flag.wait()
     assert sorted(woken) == list(range(5))
-    assert latch.is_set()
+    assert flag.is_set()
 
 
-async def test_a_cancelled_latch_waiter_is_forgotten() -> None:
-    latch = Latch()
+async def test_a_cancelled_flag_waiter_is_forgotten() -> None:
+    flag = Flag()
     with anyio.move_on_after(0.01):
-        await latch.wait()
-    assert latch._waiters == [], "a cancelled waiter's future was kept"
-    latch.set()
-    assert latch._waiters is None
+        await flag.wait()
+    assert flag._waiters == [], "a cancelled waiter's future was kept"
+    flag.set()
+    assert flag._waiters is None

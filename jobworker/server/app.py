@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 from jobworker.auth import install_auth
 from jobworker.errors import ConfigError
-from jobworker.server import capacity
+from jobworker.server import capacity, lean
 from jobworker.server.codec import ServerCodec
 from jobworker.server.connections import ConnectionGuard
 from jobworker.server.limits import ServerLimits
@@ -194,6 +194,7 @@ async def serve(config: ServerConfig) -> None:
     capacity.check()
     tune_malloc()
     shrink_tls_read_buffers()
+    lean.install()
     config = replace(config, worker=replace(config.worker, reap_orphans=True))
     with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
         if (held := held_stop_signal()) is not None:

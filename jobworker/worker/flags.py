@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-__all__ = ["Latch", "Waker", "Wakeup"]
+__all__ = ["Flag", "Waker", "Wakeup"]
 
 
 class Waker(Protocol):
@@ -56,8 +56,9 @@ class Wakeup:
             self._waiter = None
 
 
-class Latch:
-    """A flag that is set once and then stays set, for any number of waiters."""
+class Flag:
+    """``asyncio.Event``'s interface (``set``, ``clear``, ``is_set``, ``wait``), for any
+    number of waiters, holding a list of futures only while someone waits."""
 
     __slots__ = ("_is_set", "_waiters")
 
@@ -77,9 +78,12 @@ class Latch:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait(self) -> None:
+    def clear(self) -> None:
+        self._is_set = False
+
+    async def wait(self) -> bool:
         if self._is_set:
-            return
+            return True
         waiter = asyncio.get_running_loop().create_future()
         if self._waiters is None:
             self._waiters = []
@@ -87,5 +91,7 @@ class Latch:
         try:
             await waiter
         finally:
+            # Woken, the list was swapped out by set(); cancelled, it is still here.
             if self._waiters is not None and waiter in self._waiters:
                 self._waiters.remove(waiter)
+        return True

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 from jobworker.errors import JobNotFound
 from jobworker.models import JobStatus, parse_job_id
-from jobworker.worker.flags import Latch, Waker
+from jobworker.worker.flags import Flag, Waker
 from jobworker.worker.runner import RunningJob
 from jobworker.worker.store import JobStore
 
@@ -147,7 +147,7 @@ class JobTable:
         return end.final
 
 
-class _End(Latch):
+class _End(Flag):
     """Set when a job's end is recorded; holds its final status."""
 
     __slots__ = ("final",)

@@ -37,7 +37,7 @@ import anyio.abc
 from jobworker.errors import CgroupError
 from jobworker.models import JobState, JobStatus, Usage
 from jobworker.worker.cgroup import JobCgroup
-from jobworker.worker.flags import Latch
+from jobworker.worker.flags import Flag
 from jobworker.worker.notify import FileWatcher
 from jobworker.worker.process import Monitor, wait_readable
 
@@ -106,7 +106,7 @@ class RunningJob:
         self._watcher = watcher
         self._monitor = monitor
         self._on_stop = on_stop
-        self._ended = Latch()
+        self._ended = Flag()
         self._killed = False
         self._abandoned = False
         self._stopping = False
