@@ -144,4 +144,23 @@ def bench(session: nox.Session) -> None:
     # editable install's import hook would add its own start-up cost to each. The bench extra
     # is grpcio, for the grpcio peer that the throughput and latency rows are compared with.
     session.install(".[bench]", "matplotlib")
-    session.run("python", "-m", "bench", *session.posargs)
+    args = list(session.posargs)
+    if "--full" in args and "--scale-python" not in args:
+        args += _scale_pythons(session)
+    session.run("python", "-m", "bench", *args)
+
+
+def _scale_pythons(session: nox.Session) -> list[str]:
+    """``--scale-python`` for each other Python the project supports that is installed here,
+    each in a fresh venv with jobworker installed as users install it."""
+    args = []
+    for version in PYTHONS[1:]:
+        python = shutil.which(f"python{version}")
+        if python is None:
+            session.warn(f"python{version} not found: no scale measurement on {version}")
+            continue
+        venv = Path(session.create_tmp()) / f"server-{version}"
+        session.run(python, "-m", "venv", "--clear", str(venv), external=True)
+        session.run(str(venv / "bin" / "pip"), "install", "--quiet", ".", external=True)
+        args += ["--scale-python", str(venv / "bin" / "python")]
+    return args

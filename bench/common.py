@@ -42,7 +42,7 @@ class Mode:
 
 
 QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0, 10)
-FULL = Mode("full", 1000, 256, 3, 16, 1000, 1000, 10.0, 40)
+FULL = Mode("full", 1000, 256, 3, 16, 1000, 10_000, 10.0, 40)
 
 
 def _job_python() -> str:

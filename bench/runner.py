@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -57,6 +58,14 @@ def describe(exc: BaseException) -> str:
     return "; then ".join(reversed(seen[:4]))  # the first failure first
 
 
+def python_version(python: str) -> str:
+    """``3.12`` for an interpreter that is Python 3.12."""
+    code = "import sys; print('%d.%d' % sys.version_info[:2])"
+    return subprocess.run(
+        [python, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     size = parser.add_mutually_exclusive_group()
@@ -92,7 +101,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="N",
-        help="concurrent jobs (and followers) in the scale measurement [quick: 200, full: 1000]",
+        help="concurrent jobs (and followers) in the scale measurement [quick: 200, full: 10000]",
     )
     parser.add_argument(
         "--chunk-size",
@@ -104,6 +113,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--server-python",
         default=sys.executable,
         help="interpreter (with jobworker installed) for the server and jobs",
+    )
+    parser.add_argument(
+        "--scale-python",
+        action="append",
+        default=[],
+        metavar="PYTHON",
+        help="also run the scale measurement with the server on this interpreter (with "
+        "jobworker installed); repeatable",
     )
     parser.add_argument(
         "--server-nofile",
@@ -139,15 +156,24 @@ async def _run(args: argparse.Namespace) -> list[Section]:
     sections = []
     with Workspace(args.cgroup_parent, args.out) as workspace:
         ctx = Context(args.mode, workspace, args.server_python, args.chunk_size, args.server_nofile)
+        runs: list[tuple[str, Measure, Context]] = []
         for name, measure in SECTIONS.items():
             if args.only and name not in args.only:
                 continue
+            if name == "scale" and args.scale_python:
+                # One section per server interpreter, each named after its version.
+                for python in [args.server_python, *args.scale_python]:
+                    other = replace(ctx, python=python)
+                    runs.append((f"scale py{python_version(python)}", measure, other))
+            else:
+                runs.append((name, measure, ctx))
+        for name, measure, run_ctx in runs:
             section = Section(name)
             sections.append(section)
             print(f"-- {name} ...", file=sys.stderr, flush=True)
             t0, cpu0 = time.perf_counter(), MachineCpu.now()
             try:
-                await measure(ctx, section)
+                await measure(run_ctx, section)
             except Exception as exc:  # noqa: BLE001 - reported, and the run exits 1
                 section.error = describe(exc) + f" (server logs in {args.out}/)"
                 traceback.print_exc()
