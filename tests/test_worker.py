@@ -310,6 +310,12 @@ async def test_a_cancelled_reader_releases_its_file_and_watch(worker: Worker) ->
     await worker.stop(job_id)
 
 
+async def test_the_inotify_descriptor_never_blocks_the_event_loop(worker: Worker) -> None:
+    inotify = worker._watcher._inotify
+    assert inotify is not None
+    assert not os.get_blocking(inotify.fd), "reading it when nothing is queued would hang"
+
+
 async def test_many_jobs_at_once(worker: Worker) -> None:
     count = 60
     ids = [await run(worker, f"echo job {i}; sleep 0.2") for i in range(count)]

@@ -11,14 +11,15 @@ a change that happens between the read and the wait then still wakes it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 
-import anyio
 from asyncinotify import Inotify, Mask, Watch
 
 from jobworker.worker.flags import Wakeup
@@ -42,18 +43,22 @@ class Watched:
 
 
 class FileWatcher:
-    """One inotify instance and the task that fans its events out to waiters."""
+    """One inotify instance, read by the event loop whenever it is readable, and the
+    waiters its events wake."""
 
     def __init__(self) -> None:
         self._inotify: Inotify | None = None
         self._by_wd: dict[int, Watched] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
 
     async def __aenter__(self) -> FileWatcher:
         self._inotify = Inotify()
         try:
-            self._task_group = await anyio.create_task_group().__aenter__()
-            self._task_group.start_soon(self._dispatch)
+            # asyncinotify asks for IN_NONBLOCK but passes IN_CLOEXEC's value (4.x): the
+            # descriptor comes blocking, and _dispatch reads until it would block.
+            os.set_blocking(self._inotify.fd, False)
+            # A reader callback, not a task: an event wakes its waiters in the same pass of
+            # the event loop, and the descriptor stays registered between events.
+            asyncio.get_running_loop().add_reader(self._inotify.fd, self._dispatch)
         except BaseException:
             self._inotify.close()
             raise
@@ -65,11 +70,9 @@ class FileWatcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._task_group is not None
         assert self._inotify is not None
-        self._task_group.cancel_scope.cancel()
         try:
-            await self._task_group.__aexit__(None, None, None)
+            asyncio.get_running_loop().remove_reader(self._inotify.fd)
         finally:
             self._inotify.close()
             for watched in self._by_wd.values():
@@ -118,9 +121,16 @@ class FileWatcher:
         finally:
             self.discard(watched, waiter)
 
-    async def _dispatch(self) -> None:
+    def _dispatch(self) -> None:
+        """Wake the waiters of every file that changed, for all events queued now."""
         assert self._inotify is not None
-        async for event in self._inotify:
+        while True:
+            try:
+                event = self._inotify.sync_get()  # the descriptor is non-blocking
+            except BlockingIOError:
+                return
+            if event is None:
+                return
             watch = event.watch
             if watch is None:
                 continue
