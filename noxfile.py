@@ -159,7 +159,9 @@ def _scale_pythons(session: nox.Session) -> list[str]:
         if python is None:
             session.warn(f"python{version} not found: no scale measurement on {version}")
             continue
-        venv = Path(session.create_tmp()) / f"server-{version}"
+        # Not session.create_tmp(): it points TMPDIR into the project, where the bench's
+        # jobs (each its own uid) could not enter their directories.
+        venv = Path(session.virtualenv.location) / f"server-{version}"
         session.run(python, "-m", "venv", "--clear", str(venv), external=True)
         session.run(str(venv / "bin" / "pip"), "install", "--quiet", ".", external=True)
         args += ["--scale-python", str(venv / "bin" / "python")]
