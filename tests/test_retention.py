@@ -21,7 +21,7 @@ from helpers import JOB_PYTHON, Served, read_all
 
 from jobworker.client import Client
 from jobworker.errors import FailedPrecondition, JobNotFound
-from jobworker.worker import JobSpec, JobState, Worker, WorkerConfig
+from jobworker.worker import JobSpec, JobState, JobStatus, Worker, WorkerConfig
 from jobworker.worker.workdir import WorkDirs
 
 pytestmark = pytest.mark.anyio
@@ -184,6 +184,31 @@ def log_holders(log: Path) -> list[int]:
             if os.readlink(f"/proc/self/fd/{fd}") == str(log):
                 held.append(int(fd))
     return held
+
+
+async def test_pruning_reads_no_running_jobs_cgroup(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job's end makes retention prune: with thousands of jobs running, reading each one's
+    accounting there would cost seconds per job end."""
+    from jobworker.worker.runner import RunningJob
+
+    running = [await worker.start(JobSpec("sleep", ("60",))) for _ in range(3)]
+    ended = [await ended_job(worker) for _ in range(2)]
+    reads: list[str] = []
+    snapshot = RunningJob.snapshot
+
+    def counted(job: RunningJob) -> JobStatus:
+        reads.append(job.id)
+        return snapshot(job)
+
+    monkeypatch.setattr(RunningJob, "snapshot", counted)
+    assert worker.prune(keep=1) == ended[:1]
+    assert reads == [], "pruning read the accounting of running jobs"
+    assert {s.id for s in worker.list()} == {*(j.id for j in running), ended[1]}
+    assert len(reads) == 3, "the check above can see a read"
+    for job in running:
+        await worker.stop(job.id)
 
 
 async def test_prune_by_age_and_owner(worker: Worker) -> None:

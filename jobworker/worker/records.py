@@ -124,6 +124,13 @@ class JobTable:
             for job_id, status in self._records.items()
         ]
 
+    def ended(self) -> list[JobStatus]:
+        """The records of the jobs that have ended, oldest first (no cgroup is read)."""
+        return [status for job_id, status in self._records.items() if job_id not in self._running]
+
+    def ids(self) -> set[str]:
+        return set(self._records)
+
     def running_jobs(self) -> Iterator[RunningJob]:
         return iter(list(self._running.values()))
 

@@ -259,7 +259,7 @@ class Worker:
     def _forget_unrecorded_files(self) -> None:
         """Remove logs and working directories that no record names (a worker that died
         with the next job's files made ahead, or a start cut short)."""
-        known = {status.id for status in self._table.all()}
+        known = self._table.ids()
         names = {entry.name.removesuffix(".log") for entry in os.scandir(self._logs_dir)}
         names |= {entry.name for entry in os.scandir(self._work_dirs.root)}
         for name in names - known:
@@ -782,7 +782,7 @@ class Worker:
         now = datetime.now(UTC)
         ended = [
             s
-            for s in self._table.all()
+            for s in self._table.ended()
             if s.state.is_final and s.ended_at is not None and (owned is None or owned(s))
         ]
         ended.sort(key=lambda s: s.ended_at or now)
@@ -815,7 +815,7 @@ class Worker:
                 log.error("pruning ended jobs failed: %s", exc)
             wait = math.inf
             if retain_for is not None:
-                ends = [s.ended_at for s in self._table.all() if s.ended_at is not None]
+                ends = [s.ended_at for s in self._table.ended() if s.ended_at is not None]
                 if ends:
                     age = (datetime.now(UTC) - min(ends)).total_seconds()
                     wait = max(retain_for - age, 0.0) + 0.01
