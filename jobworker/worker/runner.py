@@ -128,7 +128,8 @@ class RunningJob:
         usage = self.cgroup.usage()
         return replace(self.status, usage=usage, oom_killed=bool(usage.oom_kills))
 
-    # Supervision: one task per job, owned by the worker.
+    # Supervision: a task of the worker's, from the program's end (from adoption, for a job
+    # an earlier worker started) until the cgroup is empty.
 
     async def supervise(self) -> JobStatus:
         """Wait for the program's end, empty the cgroup, and return the final status."""
