@@ -58,7 +58,7 @@ async def test_a_queue_hands_items_over_in_order_and_wakes_a_waiting_getter() ->
             await anyio.sleep(0.01)
             queue.put_nowait(3)
     assert got == [1, 2, 3]
-    assert queue._items is None and queue._getters is None, "an idle queue holds nothing"
+    assert queue._items is None and queue._put._waiters is None, "an idle queue holds nothing"
 
 
 async def test_a_cancelled_getter_passes_its_wake_up_on() -> None:

@@ -28,14 +28,14 @@ T = TypeVar("T")
 
 class LeanQueue(Generic[T]):
     """An unbounded FIFO queue with ``asyncio.Queue``'s ``put_nowait``, ``get``,
-    ``get_nowait``, ``empty`` and ``qsize``. It holds a deque only while it holds items,
-    and a list of futures only while a getter waits."""
+    ``get_nowait``, ``empty`` and ``qsize``. It holds a deque only while it holds items; its
+    getters wait on a :class:`Flag` that each put sets, and look again when woken."""
 
-    __slots__ = ("_getters", "_items")
+    __slots__ = ("_items", "_put")
 
     def __init__(self) -> None:
         self._items: deque[T] | None = None
-        self._getters: list[asyncio.Future[None]] | None = None
+        self._put = Flag()
 
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
@@ -47,7 +47,7 @@ class LeanQueue(Generic[T]):
         if self._items is None:
             self._items = deque()
         self._items.append(item)
-        self._wake_next()
+        self._put.set()
 
     def get_nowait(self) -> T:
         if not self._items:
@@ -59,29 +59,9 @@ class LeanQueue(Generic[T]):
 
     async def get(self) -> T:
         while not self._items:
-            getter = asyncio.get_running_loop().create_future()
-            if self._getters is None:
-                self._getters = []
-            self._getters.append(getter)
-            try:
-                await getter
-            except BaseException:
-                getter.cancel()
-                if self._getters is not None and getter in self._getters:
-                    self._getters.remove(getter)
-                if self._items and not getter.cancelled():
-                    self._wake_next()  # it was woken for an item it will not take
-                raise
+            self._put.clear()
+            await self._put.wait()
         return self.get_nowait()
-
-    def _wake_next(self) -> None:
-        while self._getters:
-            getter = self._getters.pop(0)
-            if not self._getters:
-                self._getters = None
-            if not getter.done():
-                getter.set_result(None)
-                return
 
 
 def install() -> bool:

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from jobworker.errors import InvalidOffset
 from jobworker.models import OutputChunk
-from jobworker.worker.flags import Waker, Wakeup
+from jobworker.worker.flags import Flag, Waker
 from jobworker.worker.holes import next_data, next_hole
 from jobworker.worker.notify import FileWatcher, Watched
 
@@ -63,7 +63,7 @@ class OutputStream:
         self._watcher = watcher
         self._ended = ended
         self._end_waiters = end_waiters
-        self._waiter = Wakeup()
+        self._waiter = Flag()
         self._at_end = _AtJobEnd(self)
         self._watched: Watched | None = None
         self._fd = -1

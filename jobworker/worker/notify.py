@@ -22,7 +22,7 @@ from types import TracebackType
 
 from asyncinotify import Inotify, Mask, Watch
 
-from jobworker.worker.flags import Wakeup
+from jobworker.worker.flags import Flag
 
 __all__ = ["FileWatcher", "Watched"]
 
@@ -39,7 +39,7 @@ class Watched:
     def __init__(self, watch: Watch, path: Path) -> None:
         self.watch = watch
         self.path = path
-        self.waiters: set[Wakeup] = set()
+        self.waiters: set[Flag] = set()
 
 
 class FileWatcher:
@@ -85,7 +85,7 @@ class FileWatcher:
         """How many kernel watches are held now."""
         return len(self._by_wd)
 
-    def add(self, path: Path, waiter: Wakeup) -> Watched:
+    def add(self, path: Path, waiter: Flag) -> Watched:
         """Wake ``waiter`` whenever ``path`` is modified (or removed), until :meth:`discard`.
 
         The watch is in place when this returns, so a read that follows sees every change
@@ -100,7 +100,7 @@ class FileWatcher:
         watched.waiters.add(waiter)
         return watched
 
-    def discard(self, watched: Watched, waiter: Wakeup) -> None:
+    def discard(self, watched: Watched, waiter: Flag) -> None:
         """Stop waking ``waiter``; the kernel watch goes with the file's last waiter."""
         watched.waiters.discard(waiter)
         wd = watched.watch.wd
@@ -112,9 +112,9 @@ class FileWatcher:
                     self._inotify.rm_watch(watched.watch)
 
     @asynccontextmanager
-    async def watch(self, path: Path, waiter: Wakeup | None = None) -> AsyncIterator[Wakeup]:
+    async def watch(self, path: Path, waiter: Flag | None = None) -> AsyncIterator[Flag]:
         """:meth:`add` for the duration of a ``with`` block; yields the waiter."""
-        waiter = waiter or Wakeup()
+        waiter = waiter or Flag()
         watched = self.add(path, waiter)
         try:
             yield waiter

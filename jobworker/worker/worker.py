@@ -66,7 +66,7 @@ from jobworker.models import (
 from jobworker.worker.accounts import Account, UidPool, host_account
 from jobworker.worker.cgroup import CgroupTree, JobCgroup, block_device_of
 from jobworker.worker.config import OnExit, WorkerConfig
-from jobworker.worker.flags import Wakeup
+from jobworker.worker.flags import Flag
 from jobworker.worker.holes import ALIGN, OutputCap, dropped_bytes
 from jobworker.worker.lock import exclusive
 from jobworker.worker.logs import OutputStream, create_log
@@ -603,7 +603,7 @@ class Worker:
     async def _follow_log(self, job_id: str, cap: OutputCap) -> None:
         """Whenever inotify says the job's log grew, until the job has ended: trim it to its
         cap, and note whether the disk is full."""
-        waiter = Wakeup()
+        waiter = Flag()
         waiters = self._table.end_waiters(job_id)
         waiters.add(waiter)
         try:
