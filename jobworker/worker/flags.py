@@ -9,15 +9,8 @@ A :class:`Flag` holds futures only while someone waits.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
 
-__all__ = ["Flag", "Waker"]
-
-
-class Waker(Protocol):
-    """What a job's end sets (a :class:`Flag`, or an object that does more)."""
-
-    def set(self) -> None: ...
+__all__ = ["Flag"]
 
 
 class Flag:

@@ -14,6 +14,7 @@ resumes (``SEEK_DATA``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from types import TracebackType
 
 from jobworker.errors import InvalidOffset
 from jobworker.models import OutputChunk
-from jobworker.worker.flags import Flag, Waker
+from jobworker.worker.flags import Flag
 from jobworker.worker.holes import next_data, next_hole
 from jobworker.worker.notify import FileWatcher, Watched
 
@@ -42,7 +43,7 @@ class OutputStream:
 
     A reader that has caught up with a running job closes its file while it waits: an idle
     follower holds an inotify watch, not a descriptor. It opens the log again when the job
-    writes, or at once when the job ends (``end_waiters`` are set as the end is recorded,
+    writes, or at once when the job ends (``end_callbacks`` run as the end is recorded,
     before anything can remove an ended job's log), so it always reads to the end.
     """
 
@@ -53,7 +54,7 @@ class OutputStream:
         chunk_size: int,
         watcher: FileWatcher,
         ended: Callable[[], bool],
-        end_waiters: set[Waker],
+        end_callbacks: set[Callable[[], object]],
     ) -> None:
         if offset < 0:
             raise InvalidOffset(f"offset must not be negative, not {offset}")
@@ -62,12 +63,10 @@ class OutputStream:
         self._chunk_size = chunk_size
         self._watcher = watcher
         self._ended = ended
-        self._end_waiters = end_waiters
+        self._end_callbacks = end_callbacks
         self._waiter = Flag()
-        self._at_end = _AtJobEnd(self)
         self._watched: Watched | None = None
         self._fd = -1
-        self._reopen_error: OSError | None = None
 
     @property
     def offset(self) -> int:
@@ -77,7 +76,7 @@ class OutputStream:
     async def __aenter__(self) -> OutputStream:
         try:
             # Watch first, then read: a write between the two still wakes this reader.
-            self._end_waiters.add(self._at_end)
+            self._end_callbacks.add(self._job_ended)
             self._watched = self._watcher.add(self._path, self._waiter)
             self._open()
             if self._ended():
@@ -104,7 +103,7 @@ class OutputStream:
         self._release()
 
     def _release(self) -> None:
-        self._end_waiters.discard(self._at_end)
+        self._end_callbacks.discard(self._job_ended)
         if self._watched is not None:
             self._watcher.discard(self._watched, self._waiter)
             self._watched = None
@@ -120,11 +119,10 @@ class OutputStream:
             self._fd = -1
 
     def _job_ended(self) -> None:
-        """The job's end is being recorded: hold the log open from now on."""
-        try:
+        """The job's end is being recorded: hold the log open from now on (if that fails,
+        the next read opens it again and says why)."""
+        with contextlib.suppress(OSError):
             self._open()
-        except OSError as exc:
-            self._reopen_error = exc
         self._waiter.set()
 
     def __aiter__(self) -> OutputStream:
@@ -137,8 +135,6 @@ class OutputStream:
             # Arm before reading; decide "ended" before the read that may find nothing.
             self._waiter.clear()
             ended = self._ended()
-            if self._reopen_error is not None:
-                raise self._reopen_error
             self._open()  # after a wait: the job is running, or its end opened it
             chunk = self._read()
             if chunk is not None:
@@ -159,15 +155,3 @@ class OutputStream:
         size = min(self._chunk_size, next_hole(self._fd, self._offset) - self._offset)
         data = os.pread(self._fd, size, self._offset)
         return OutputChunk(self._offset, data) if data else None
-
-
-class _AtJobEnd:
-    """An output stream's end waiter (see :meth:`OutputStream._job_ended`)."""
-
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: OutputStream) -> None:
-        self._stream = stream
-
-    def set(self) -> None:
-        self._stream._job_ended()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from jobworker.errors import JobNotFound
 from jobworker.models import JobStatus, parse_job_id
-from jobworker.worker.flags import Flag, Waker
+from jobworker.worker.flags import Flag
 from jobworker.worker.runner import RunningJob
 from jobworker.worker.store import JobStore
 
@@ -32,7 +32,6 @@ class JobTable:
         self._records: dict[str, JobStatus] = {}
         self._running: dict[str, RunningJob] = {}
         self._ends: dict[str, _End] = {}
-        self._end_waiters: dict[str, set[Waker]] = {}
         self._running_by_owner: dict[tuple[str, str], int] = {}
 
     @property
@@ -87,8 +86,8 @@ class JobTable:
         if end is not None:
             end.final = final
             end.set()
-        for waiter in self._end_waiters.pop(final.id, set()):
-            waiter.set()
+            for callback in list(end.callbacks or ()):
+                callback()
         return saved
 
     def remove(self, job_id: str) -> None:
@@ -137,11 +136,15 @@ class JobTable:
     def is_ended(self, job_id: str) -> bool:
         return job_id not in self._running
 
-    def end_waiters(self, job_id: str) -> set[Waker]:
-        """The wake-ups to set when ``job_id`` ends (an empty set for an ended job)."""
-        if job_id not in self._running:
+    def end_callbacks(self, job_id: str) -> set[Callable[[], object]]:
+        """What to call as the end of ``job_id`` is recorded, before anything else runs (add
+        and discard; for a job that has ended, a set that nothing calls)."""
+        end = self._ends.get(job_id)
+        if end is None:
             return set()
-        return self._end_waiters.setdefault(job_id, set())
+        if end.callbacks is None:
+            end.callbacks = set()
+        return end.callbacks
 
     async def wait_end(self, job_id: str) -> JobStatus:
         """The final status of ``job_id``, once recorded (even if the job is removed
@@ -155,10 +158,11 @@ class JobTable:
 
 
 class _End(Flag):
-    """Set when a job's end is recorded; holds its final status."""
+    """Set when a job's end is recorded; holds its final status and the end callbacks."""
 
-    __slots__ = ("final",)
+    __slots__ = ("callbacks", "final")
 
     def __init__(self) -> None:
         super().__init__()
         self.final: JobStatus | None = None
+        self.callbacks: set[Callable[[], object]] | None = None

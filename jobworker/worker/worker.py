@@ -604,8 +604,8 @@ class Worker:
         """Whenever inotify says the job's log grew, until the job has ended: trim it to its
         cap, and note whether the disk is full."""
         waiter = Flag()
-        waiters = self._table.end_waiters(job_id)
-        waiters.add(waiter)
+        at_end = self._table.end_callbacks(job_id)
+        at_end.add(waiter.set)
         try:
             async with self._watcher.watch(self._log_path(job_id), waiter):
                 while not self._table.is_ended(job_id):
@@ -618,7 +618,7 @@ class Worker:
             # A file system without hole punching, or the log is gone: the job runs on.
             log.error("job %s: its output is no longer watched: %s", job_id, exc)
         finally:
-            waiters.discard(waiter)
+            at_end.discard(waiter.set)
             if self._caps.get(job_id) is cap:
                 del self._caps[job_id]
             cap.close()
@@ -831,5 +831,5 @@ class Worker:
             self.config.chunk_size,
             self._watcher,
             lambda: self._table.is_ended(status.id),
-            self._table.end_waiters(status.id),
+            self._table.end_callbacks(status.id),
         )
