@@ -34,11 +34,10 @@ _MASK = Mask.MODIFY | Mask.DELETE_SELF
 class Watched:
     """The waiters of one kernel watch (a handle for :meth:`FileWatcher.discard`)."""
 
-    __slots__ = ("path", "waiters", "watch")
+    __slots__ = ("waiters", "watch")
 
-    def __init__(self, watch: Watch, path: Path) -> None:
+    def __init__(self, watch: Watch) -> None:
         self.watch = watch
-        self.path = path
         self.waiters: set[Flag] = set()
 
 
@@ -96,7 +95,7 @@ class FileWatcher:
         watch = self._inotify.add_watch(path, _MASK)
         watched = self._by_wd.get(watch.wd)
         if watched is None:
-            watched = self._by_wd[watch.wd] = Watched(watch, path)
+            watched = self._by_wd[watch.wd] = Watched(watch)
         watched.waiters.add(waiter)
         return watched
 
