@@ -19,16 +19,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from asyncinotify import Inotify, Mask, Watch
 
 from jobworker.worker.flags import Flag
 
-__all__ = ["FileWatcher", "Watched"]
+__all__ = ["FileWatcher", "Waiter", "Watched"]
 
 log = logging.getLogger(__name__)
 
 _MASK = Mask.MODIFY | Mask.DELETE_SELF
+
+
+class Waiter(Protocol):
+    """What an event wakes: a :class:`Flag`, or anything else with ``set()``, which is
+    called from the event loop's reader callback and must not block."""
+
+    def set(self) -> None: ...
 
 
 class Watched:
@@ -38,7 +46,7 @@ class Watched:
 
     def __init__(self, watch: Watch) -> None:
         self.watch = watch
-        self.waiters: set[Flag] = set()
+        self.waiters: set[Waiter] = set()
 
 
 class FileWatcher:
@@ -84,7 +92,7 @@ class FileWatcher:
         """How many kernel watches are held now."""
         return len(self._by_wd)
 
-    def add(self, path: Path, waiter: Flag) -> Watched:
+    def add(self, path: Path, waiter: Waiter) -> Watched:
         """Wake ``waiter`` whenever ``path`` is modified (or removed), until :meth:`discard`.
 
         The watch is in place when this returns, so a read that follows sees every change
@@ -99,7 +107,7 @@ class FileWatcher:
         watched.waiters.add(waiter)
         return watched
 
-    def discard(self, watched: Watched, waiter: Flag) -> None:
+    def discard(self, watched: Watched, waiter: Waiter) -> None:
         """Stop waking ``waiter``; the kernel watch goes with the file's last waiter."""
         watched.waiters.discard(waiter)
         wd = watched.watch.wd
@@ -136,7 +144,7 @@ class FileWatcher:
             watched = self._by_wd.get(watch.wd)
             if watched is None:
                 continue
-            for waiter in watched.waiters:
+            for waiter in tuple(watched.waiters):  # a waiter may leave as it is woken
                 waiter.set()
             if Mask.IGNORED in event.mask and self._by_wd.get(watch.wd) is watched:
                 # The file is gone; the kernel dropped the watch. Waiters will find out.
