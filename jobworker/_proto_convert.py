@@ -279,9 +279,14 @@ def status_from_proto(status: pb.JobStatus) -> JobStatus:
 
 def chunk_to_proto(chunk: OutputChunk) -> pb.OutputChunk:
     """The wire form of a piece of output, or of a gap in it."""
-    return pb.OutputChunk(offset=chunk.offset, data=chunk.data, dropped=chunk.dropped)
+    written_at = None if chunk.written_at is None else _aware("written_at", chunk.written_at)
+    return pb.OutputChunk(
+        offset=chunk.offset, data=chunk.data, dropped=chunk.dropped, written_at=written_at
+    )
 
 
 def chunk_from_proto(chunk: pb.OutputChunk) -> OutputChunk:
     """The piece of output (or the gap) a message carries."""
-    return OutputChunk(offset=chunk.offset, data=chunk.data, dropped=chunk.dropped)
+    return OutputChunk(
+        offset=chunk.offset, data=chunk.data, dropped=chunk.dropped, written_at=chunk.written_at
+    )

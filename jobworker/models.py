@@ -296,11 +296,16 @@ class OutputChunk:
     A chunk with ``dropped`` set is a gap instead: it has no data, and says that the bytes
     ``offset`` to ``offset + dropped`` (exclusive) were dropped to keep the job's output
     within its cap. The next chunk starts where the gap ends.
+
+    ``written_at`` is set only on a stream opened with timestamps: when the chunk's data had
+    been written (UTC), as the server saw it; None in a gap, or where the server has no
+    record of the time.
     """
 
     offset: int
     data: bytes
     dropped: int = 0
+    written_at: datetime | None = None
 
     @property
     def end(self) -> int:

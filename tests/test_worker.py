@@ -291,7 +291,11 @@ async def test_a_cancelled_reader_releases_its_file_and_watch(worker: Worker) ->
     await wait_for_line(worker, job_id, 1)
     before = open_fds()
     watcher = worker._watcher  # the one inotify instance of this worker
-    watches_before = watcher.watch_count
+
+    def waiters() -> int:  # on the log: its time recorder's, and any reader's
+        return sum(len(watched.waiters) for watched in watcher._by_wd.values())
+
+    watches_before, waiters_before = watcher.watch_count, waiters()
     got_first = anyio.Event()
 
     async def reader() -> None:
@@ -302,12 +306,14 @@ async def test_a_cancelled_reader_releases_its_file_and_watch(worker: Worker) ->
     async with anyio.create_task_group() as tg:
         tg.start_soon(reader)
         await got_first.wait()
-        assert watcher.watch_count == watches_before + 1
+        assert waiters() == waiters_before + 1
         tg.cancel_scope.cancel()
     # Only new descriptors count: an earlier test's objects may be collected meanwhile.
     assert open_fds() <= before, "the cancelled reader leaked a file descriptor"
-    assert watcher.watch_count == watches_before, "the cancelled reader kept its inotify watch"
+    assert waiters() == waiters_before, "the cancelled reader is still woken by inotify"
+    assert watcher.watch_count == watches_before, "the cancelled reader left an inotify watch"
     await worker.stop(job_id)
+    assert watcher.watch_count == watches_before - 1, "the job's end released its log's watch"
 
 
 async def test_the_inotify_descriptor_never_blocks_the_event_loop(worker: Worker) -> None:

@@ -283,15 +283,22 @@ class Client:
         return [status_from_proto(s) for s in response.jobs]
 
     def output(
-        self, job_id: str, offset: int = 0, *, reconnect_for: float | None = None
+        self,
+        job_id: str,
+        offset: int = 0,
+        *,
+        reconnect_for: float | None = None,
+        timestamps: bool = False,
     ) -> OutputReader:
         """A job's output from ``offset``, live until the job ends (see :class:`OutputReader`).
 
         Use it as ``async with client.output(job_id) as output: async for data in output``.
+        With ``timestamps``, each chunk from :meth:`OutputReader.next_chunk` says when it was
+        written (``OutputChunk.written_at``).
         """
         self.channel  # noqa: B018 - fail here, outside 'async with', not later
         again = self.reconnect_for if reconnect_for is None else reconnect_for
-        return OutputReader(self, job_id, offset, again)
+        return OutputReader(self, job_id, offset, again, timestamps=timestamps)
 
     async def wait(
         self,
@@ -332,11 +339,20 @@ class OutputReader:
     over the bytes skips gaps, and every gap seen is in :attr:`gaps` as ``(start, end)``.
     """
 
-    def __init__(self, client: Client, job_id: str, offset: int, reconnect_for: float) -> None:
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        offset: int,
+        reconnect_for: float,
+        *,
+        timestamps: bool = False,
+    ) -> None:
         self._client = client
         self.job_id = job_id
         self.offset = offset
         self.reconnect_for = reconnect_for
+        self.timestamps = timestamps
         self.reconnects = 0
         self.gaps: list[tuple[int, int]] = []
         self._stack = AsyncExitStack()
@@ -373,7 +389,9 @@ class OutputReader:
     async def _open(self) -> None:
         """Open the stream from ``offset``; the client's timeout bounds connect and send."""
         seconds = self._client.timeout
-        request = pb.StreamJobOutputRequest(job_id=self.job_id, offset=self.offset)
+        request = pb.StreamJobOutputRequest(
+            job_id=self.job_id, offset=self.offset, timestamps=self.timestamps
+        )
         with self._client.errors(seconds):
             async with asyncio.timeout(seconds):
                 stream = await self._stack.enter_async_context(

@@ -7,7 +7,8 @@ the number of jobs"):
 * open files of the server process: the job's pidfd (a follower holds the log open only while
   it reads: one that waits for output holds none);
 * inotify watches (``fs.inotify.max_user_watches``, counted for the user across all its
-  processes): the job's ``cgroup.events``, and one per followed log;
+  processes): the job's log (its time record's watch, which its followers share), and its
+  ``cgroup.events`` while its end is recorded;
 * process ids (``kernel.pid_max``, host-wide): the job's monitor, its init and its program;
 * tasks of the server's own cgroup (``pids.max``, systemd's ``TasksMax``): the monitor.
 

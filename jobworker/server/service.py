@@ -188,7 +188,9 @@ class WorkerService(pb.WorkerBase):
                     f"offset {request.offset} is beyond the largest output a job can have"
                 )
             try:
-                async with self._worker.output(request.job_id, request.offset) as output:
+                async with self._worker.output(
+                    request.job_id, request.offset, timestamps=request.timestamps
+                ) as output:
                     async for chunk in output:
                         # Encoded here, sent as an OutputChunk by the server's codec.
                         await stream.send_message(cast(pb.OutputChunk, EncodedChunk(chunk)))

@@ -10,13 +10,19 @@ A job with an output cap has holes in its log where bytes were dropped (``holes.
 reader never returns them as zeros: it reads only up to the next hole, and where its offset
 lies in a hole it returns one gap chunk (``OutputChunk.dropped``) that skips to where data
 resumes (``SEEK_DATA``).
+
+A reader asked for timestamps stamps each chunk with when its data had been written, from the
+log's time index (``times.py``): a chunk then ends at the index's next point, so that one time
+holds for all of it. Data the index does not reach yet was written by the time it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 
@@ -25,8 +31,11 @@ from jobworker.models import OutputChunk
 from jobworker.worker.flags import Flag
 from jobworker.worker.holes import next_data, next_hole
 from jobworker.worker.notify import FileWatcher, Watched
+from jobworker.worker.times import TimeIndex
 
 __all__ = ["OutputStream", "create_log"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def create_log(path: Path) -> int:
@@ -55,6 +64,7 @@ class OutputStream:
         watcher: FileWatcher,
         ended: Callable[[], bool],
         end_callbacks: set[Callable[[], object]],
+        timestamps: bool = False,
     ) -> None:
         if offset < 0:
             raise InvalidOffset(f"offset must not be negative, not {offset}")
@@ -67,6 +77,7 @@ class OutputStream:
         self._waiter = Flag()
         self._watched: Watched | None = None
         self._fd = -1
+        self._times = TimeIndex(path) if timestamps else None
 
     @property
     def offset(self) -> int:
@@ -136,7 +147,7 @@ class OutputStream:
             self._waiter.clear()
             ended = self._ended()
             self._open()  # after a wait: the job is running, or its end opened it
-            chunk = self._read()
+            chunk = self._read(ended)
             if chunk is not None:
                 self._offset = chunk.end
                 return chunk
@@ -145,13 +156,26 @@ class OutputStream:
             self._close()
             await self._waiter.wait()
 
-    def _read(self) -> OutputChunk | None:
+    def _read(self, ended: bool) -> OutputChunk | None:
         """The data (or the gap) at the offset now, or None if the output ends there."""
-        resume = next_data(self._fd, self._offset)
+        offset = self._offset
+        resume = next_data(self._fd, offset)
         if resume is None:
             return None
-        if resume > self._offset:
-            return OutputChunk(self._offset, b"", dropped=resume - self._offset)
-        size = min(self._chunk_size, next_hole(self._fd, self._offset) - self._offset)
-        data = os.pread(self._fd, size, self._offset)
-        return OutputChunk(self._offset, data) if data else None
+        if resume > offset:
+            return OutputChunk(offset, b"", dropped=resume - offset)
+        size = min(self._chunk_size, next_hole(self._fd, offset) - offset)
+        if self._times is None:
+            data = os.pread(self._fd, size, offset)
+            return OutputChunk(offset, data) if data else None
+        point = self._times.point_after(offset)
+        if point is not None:
+            size = min(size, point[0] - offset)
+            at_ns: int | None = point[1]
+        else:  # not in the index yet: written by now (of an ended job: not recorded)
+            at_ns = None if ended else time.time_ns()
+        data = os.pread(self._fd, size, offset)
+        if not data:
+            return None
+        written_at = None if at_ns is None else _EPOCH + timedelta(microseconds=at_ns // 1000)
+        return OutputChunk(offset, data, written_at=written_at)

@@ -83,6 +83,7 @@ from jobworker.worker.reaper import OrphanReaper
 from jobworker.worker.records import JobTable
 from jobworker.worker.runner import RunningJob, empty_cgroup
 from jobworker.worker.store import JobStore
+from jobworker.worker.times import TimeRecorder, index_path
 from jobworker.worker.workdir import WorkDirs
 
 __all__ = ["Worker"]
@@ -150,6 +151,8 @@ class Worker:
         self._spawning = 0
         # The output caps of running jobs that have one, by job id.
         self._caps: dict[str, OutputCap] = {}
+        # Who records when each running job's output is written, by job id.
+        self._recorders: dict[str, TimeRecorder] = {}
         # Running jobs that wrote while the data directory's filesystem was full.
         self._lost: set[str] = set()
         # Set when a job ends: the retention task looks again. Cancelled on leaving.
@@ -182,6 +185,7 @@ class Worker:
             stack.enter_context(self._table.store.opened())
             await stack.enter_async_context(self._watcher)
             stack.callback(self._close_monitors)
+            stack.callback(self._close_recorders)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._on_exit)
             await self._recover()
@@ -260,7 +264,7 @@ class Worker:
         """Remove logs and working directories that no record names (a worker that died
         with the next job's files made ahead, or a start cut short)."""
         known = self._table.ids()
-        names = {entry.name.removesuffix(".log") for entry in os.scandir(self._logs_dir)}
+        names = {entry.name.split(".", 1)[0] for entry in os.scandir(self._logs_dir)}
         names |= {entry.name for entry in os.scandir(self._work_dirs.root)}
         for name in names - known:
             self._forget_files(name)
@@ -274,7 +278,9 @@ class Worker:
             job_id = parse_job_id(job_id)
         except JobworkerError:
             return
-        (self._logs_dir / f"{job_id}.log").unlink(missing_ok=True)
+        log_path = self._log_path(job_id)
+        log_path.unlink(missing_ok=True)
+        index_path(log_path).unlink(missing_ok=True)
         (self._exits_dir / job_id).unlink(missing_ok=True)
         discarded = self._work_dirs.discard(self._work_dirs.path(job_id))
         if discarded is not None:
@@ -537,6 +543,13 @@ class Worker:
         for monitor in self._children.values():
             monitor.close()
 
+    def _close_recorders(self) -> None:
+        """Stop recording output times of jobs that have not ended (the worker leaves; the
+        next one takes up their indexes)."""
+        for recorder in self._recorders.values():
+            recorder.close()
+        self._recorders.clear()
+
     async def _supervise(self, job: RunningJob) -> None:
         monitor = job.monitor
         try:
@@ -588,8 +601,12 @@ class Worker:
         return self._logs_dir / f"{job_id}.log"
 
     def _watch_output(self, status: JobStatus) -> None:
-        """Begin keeping a running job's log within its cap, if it has one."""
+        """Begin recording when a running job's output is written, and keeping its log
+        within its cap, if it has one."""
         assert self._task_group is not None
+        recorder = TimeRecorder(self._log_path(status.id), self._watcher)
+        self._recorders[status.id] = recorder
+        recorder.start()
         if status.max_output is None:
             return
         try:
@@ -666,6 +683,9 @@ class Worker:
         """An ended job's status with its output's final size and dropped bytes, once the
         last trim has run (no process of the job is left to write)."""
         cap = self._caps.get(final.id)
+        recorder = self._recorders.pop(final.id, None)
+        if recorder is not None:
+            recorder.finish()
         if final.id in self._lost or self._disk_full():
             final = replace(final, output_lost=True)
         self._lost.discard(final.id)
@@ -822,8 +842,9 @@ class Worker:
             with anyio.move_on_after(wait):
                 await self._ended.wait()
 
-    def output(self, job_id: str, offset: int = 0) -> OutputStream:
-        """The job's output from ``offset``, following it live until the job ends."""
+    def output(self, job_id: str, offset: int = 0, *, timestamps: bool = False) -> OutputStream:
+        """The job's output from ``offset``, following it live until the job ends; each
+        chunk stamped with when it was written if ``timestamps``."""
         status = self._table.record(job_id)
         return OutputStream(
             self._log_path(status.id),
@@ -832,4 +853,5 @@ class Worker:
             self._watcher,
             lambda: self._table.is_ended(status.id),
             self._table.end_callbacks(status.id),
+            timestamps,
         )
