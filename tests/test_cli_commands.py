@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,30 @@ def test_logs_prints_what_is_there_and_the_tail(served: Served) -> None:
     tail = served.cli("logs", "--tail", "2", job)
     assert tail.stdout == b"4\n5\n"
     served.cli("stop", job)
+
+
+def test_logs_and_stream_put_each_lines_time_in_front_of_it(served: Served) -> None:
+    # Each line is the job's own clock as it writes it: its time can be no earlier.
+    job = served.start("sh", "-c", "for i in 1 2 3; do date +%s.%N; sleep 0.2; done; printf end")
+    assert served.cli("wait", job).returncode == 0
+    for args in (["logs", "-t", job], ["stream", "--timestamps", job]):
+        out = served.cli(*args)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.decode().splitlines()
+        assert len(lines) == 4, lines
+        stamps = []
+        for line in lines:
+            stamp, text = line.split(" ", 1)
+            at = datetime.fromisoformat(stamp)
+            assert at.utcoffset() == at.astimezone().utcoffset(), "in this host's zone"
+            if text != "end":
+                assert at.timestamp() >= float(text) - 0.001, "stamped before it was written"
+            stamps.append(at)
+        assert stamps == sorted(stamps)
+    tail = served.cli("logs", "-t", "--tail", "1", job).stdout.decode()
+    assert tail.endswith(" end") and tail.count("\n") == 0, "the last line, stamped"
+    plain = served.cli("logs", job).stdout.decode()
+    assert plain.splitlines()[-1] == "end", "no stamps unasked"
 
 
 def test_wait_exits_with_the_jobs_code_and_prefixes_name_jobs(served: Served) -> None:

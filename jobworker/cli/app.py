@@ -28,6 +28,7 @@ from typer.exceptions import Abort
 from jobworker import __version__
 from jobworker.cli import certs, coerce
 from jobworker.cli.render import (
+    LineStamper,
     short_command,
     status_json,
     status_lines,
@@ -602,18 +603,36 @@ def _gap_line(chunk: OutputChunk) -> None:
     )
 
 
-async def _copy_rest(output: "OutputReader") -> None:
+def _text(chunk: OutputChunk, stamper: LineStamper | None) -> bytes:
+    """A chunk's data as printed: with each line's time in front if ``stamper``."""
+    return chunk.data if stamper is None else stamper(chunk.data, chunk.written_at)
+
+
+async def _copy_rest(output: "OutputReader", stamper: LineStamper | None = None) -> None:
     """Copy the output to stdout until the job ends; each gap is one line on stderr."""
     while (chunk := await output.next_chunk()) is not None:
         if chunk.dropped:
             _gap_line(chunk)
         else:
-            _write(chunk.data)
+            _write(_text(chunk, stamper))
 
 
-async def _copy_output(client: "Client", job_id: str, offset: int) -> None:
-    async with client.output(job_id, offset) as output:
-        await _copy_rest(output)
+async def _copy_output(
+    client: "Client", job_id: str, offset: int, *, timestamps: bool = False
+) -> None:
+    async with client.output(job_id, offset, timestamps=timestamps) as output:
+        await _copy_rest(output, LineStamper() if timestamps else None)
+
+
+_Timestamps = Annotated[
+    bool,
+    typer.Option(
+        "--timestamps",
+        "-t",
+        help="Put the time each line was written in front of it (local time; within a "
+        "millisecond, or a quarter second for a job that writes more than 4 times a second).",
+    ),
+]
 
 
 @app.command()
@@ -621,12 +640,13 @@ def stream(
     ctx: typer.Context,
     job_id: _JobId,
     offset: Annotated[int, typer.Option(help="Start at this byte of the output.", min=0)] = 0,
+    timestamps: _Timestamps = False,
     reconnect_for: _ReconnectFor = DEFAULT_RECONNECT_FOR,
 ) -> None:
     """Write a job's output to stdout, from the start (or --offset), until the job ends."""
 
     async def go(client: "Client") -> None:
-        await _copy_output(client, await _job_id(client, job_id), offset)
+        await _copy_output(client, await _job_id(client, job_id), offset, timestamps=timestamps)
 
     with_client(ctx, go, reconnect_for)
 
@@ -635,13 +655,13 @@ def stream(
 _LOGS_SETTLE = 0.25
 
 
-async def _settled_chunk(output: "OutputReader") -> bytes | None:
+async def _settled_chunk(output: "OutputReader") -> OutputChunk | None:
     """The next chunk, or None once the job ended or nothing more came for a moment."""
     with anyio.move_on_after(_LOGS_SETTLE):
         chunk = await output.next_chunk()
         if chunk is not None and chunk.dropped:
             _gap_line(chunk)
-        return None if chunk is None else chunk.data
+        return chunk
     return None
 
 
@@ -656,14 +676,18 @@ def logs(
         int | None,
         typer.Option("--tail", "-n", metavar="N", min=0, help="Only the last N lines."),
     ] = None,
+    timestamps: _Timestamps = False,
 ) -> None:
     """Print a job's output so far and exit; with -f, follow it until the job ends."""
+    stamper = LineStamper() if timestamps else None
 
     async def go(client: "Client") -> None:
         lines: deque[bytes] = deque(maxlen=tail)
         pending = b""
-        async with client.output(await _job_id(client, job_id)) as output:
-            while (data := await _settled_chunk(output)) is not None:
+        full_id = await _job_id(client, job_id)
+        async with client.output(full_id, timestamps=timestamps) as output:
+            while (chunk := await _settled_chunk(output)) is not None:
+                data = _text(chunk, stamper)
                 if tail is None:
                     _write(data)
                     continue
@@ -675,7 +699,7 @@ def logs(
                     lines.append(pending)
                 _write(b"".join(list(lines)[-tail:] if tail else []))
             if follow:
-                await _copy_rest(output)
+                await _copy_rest(output, stamper)
 
     with_client(ctx, go)
 

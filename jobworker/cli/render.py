@@ -15,7 +15,7 @@ from typing import Any
 
 from jobworker.models import LIMIT_OPTIONS, JobStatus, Limits, format_cpus, format_size
 
-__all__ = ["status_json", "status_lines", "status_table"]
+__all__ = ["LineStamper", "status_json", "status_lines", "status_table"]
 
 
 def _time(value: datetime | None) -> str | None:
@@ -113,6 +113,41 @@ def duration_text(seconds: float) -> str:
 def local_time(value: datetime) -> str:
     """An aware time in this host's zone, to the second."""
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def stamp(value: datetime | None) -> bytes:
+    """A line's time as ``logs --timestamps`` prints it: ISO 8601 in this host's zone, to
+    the millisecond, or a dash of the same width where the server has no time."""
+    if value is None:
+        return _NO_STAMP
+    return value.astimezone().isoformat(timespec="milliseconds").encode() + b" "
+
+
+_NO_STAMP = b"-" + b" " * len(stamp(datetime(2000, 1, 1, tzinfo=UTC)).rstrip()[1:]) + b" "
+
+
+class LineStamper:
+    """Puts the time a line's first byte was written in front of every line of a stream of
+    chunks, a line being what ends in a newline (or the output's last bytes)."""
+
+    def __init__(self) -> None:
+        self._line_start = True
+
+    def __call__(self, data: bytes, written_at: datetime | None) -> bytes:
+        """``data`` with a stamp in front of each line that begins in it."""
+        prefix = stamp(written_at)
+        out = bytearray()
+        pieces = data.split(b"\n")
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            if self._line_start and (piece or not last):
+                out += prefix
+                self._line_start = False
+            out += piece
+            if not last:
+                out += b"\n"
+                self._line_start = True
+        return bytes(out)
 
 
 def _started(status: JobStatus, now: datetime) -> str:
