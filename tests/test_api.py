@@ -303,6 +303,11 @@ async def test_a_client_that_disconnects_mid_stream_leaks_nothing(
         await anyio.sleep(0.1)
         fds = open_fds()
         watcher = server._service._worker._watcher  # type: ignore[union-attr]
+
+        def watching() -> tuple[int, int]:  # kernel watches, and who they wake
+            return watcher.watch_count, sum(len(w.waiters) for w in watcher._by_wd.values())
+
+        before = watching()  # the job's log, watched to record when output is written
         for _ in range(3):
             client = connect("admin")
             await client.__aenter__()
@@ -311,7 +316,7 @@ async def test_a_client_that_disconnects_mid_stream_leaks_nothing(
             assert await output.__anext__() == b"first\n"
             await client.aclose()  # the connection drops with the stream open
         with anyio.fail_after(5):
-            while watcher.watch_count or open_fds() != fds:
+            while watching() != before or open_fds() != fds:
                 await anyio.sleep(0.02)
         await admin.stop(job.id)
 

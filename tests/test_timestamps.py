@@ -215,3 +215,19 @@ async def test_a_waiter_may_leave_while_it_is_woken(tmp_path: Path) -> None:
             while woken.count("stayer") < 2:
                 await anyio.sleep(0.01)
     assert woken.count("leaver") == 1, "woken once, then gone"
+
+
+async def test_a_reader_holds_a_few_points_of_a_long_index(tmp_path: Path) -> None:
+    log = tmp_path / "job.log"
+    count = 10_000  # points at sizes 10, 20, ...: byte b's point is the next multiple of 10
+    (tmp_path / "job.times").write_bytes(
+        b"".join(struct.pack("<QQ", 10 * (i + 1), 1000 + i) for i in range(count))
+    )
+    reader = TimeIndex(log)
+    assert reader.point_after(54_321) == (54_330, 1000 + 5432), "found by its offset"
+    assert len(reader._points) <= 64, "a reader holds a block, not the index"
+    for offset in range(54_330, 100_000, 7):
+        size, at = reader.point_after(offset)  # type: ignore[misc]
+        assert size == (offset // 10 + 1) * 10 and at == 1000 + offset // 10
+        assert len(reader._points) <= 64
+    assert reader.point_after(100_000) is None, "past the last point"

@@ -29,7 +29,7 @@ import logging
 import os
 import struct
 import time
-from bisect import bisect_right
+from collections import deque
 from pathlib import Path
 from typing import Final
 
@@ -49,6 +49,8 @@ POINTS_PER_STEP: Final = 65536
 _TOKEN_NS: Final = 1_000_000_000 // RATE
 
 _RECORD: Final = struct.Struct("<QQ")
+# Records a reader reads at a time.
+_BLOCK: Final = 64
 
 
 def index_path(log_path: Path) -> Path:
@@ -111,8 +113,8 @@ class TimeRecorder:
         except OSError as exc:
             self._give_up(exc)
             return
+        self._attach()  # watch, then look: a write in between still wakes the recorder
         self._sample(time.time_ns())
-        self._attach()
 
     def finish(self) -> None:
         """The job has ended and nothing writes to its log any more: the last point."""
@@ -185,37 +187,68 @@ class TimeRecorder:
 
 
 class TimeIndex:
-    """A reader's view of a log's time index, read as far as it has been written."""
+    """A reader's view of a log's time index: the points just past where it reads.
 
-    __slots__ = ("_path", "_read_to", "_sizes", "_times")
+    A reader moves forward only, so it holds a few points (:data:`_BLOCK` records) and reads
+    the next ones when it passes them, finding its first one by binary search: however long
+    the index, a reader costs about a kilobyte. Half a record (an append in progress) is
+    left for later.
+    """
+
+    __slots__ = ("_next", "_path", "_points", "_positioned")
 
     def __init__(self, log_path: Path) -> None:
         self._path = index_path(log_path)
-        self._sizes: list[int] = []
-        self._times: list[int] = []
-        self._read_to = 0
+        self._points: deque[tuple[int, int]] = deque()
+        self._next = 0  # the number of the next record to read
+        self._positioned = False
 
     def point_after(self, offset: int) -> tuple[int, int] | None:
         """The first point past the byte at ``offset``: ``(size, time in ns)``; None if the
         index does not reach it (yet)."""
-        i = bisect_right(self._sizes, offset)
-        if i == len(self._sizes):
-            self._read_more()
-            i = bisect_right(self._sizes, offset)
-            if i == len(self._sizes):
+        points = self._points
+        while True:
+            while points and points[0][0] <= offset:
+                points.popleft()
+            if points:
+                return points[0]
+            if not self._read(offset):
                 return None
-        return self._sizes[i], self._times[i]
 
-    def _read_more(self) -> None:
+    def _read(self, offset: int) -> bool:
+        """Read the next block of points (the first time, from the first point past
+        ``offset``); whether there were any."""
         try:
-            with self._path.open("rb") as f:
-                f.seek(self._read_to)
-                data = f.read()
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # none (yet), or unreadable: no times, as if none were recorded
-            return
-        whole = len(data) - len(data) % _RECORD.size  # an append in progress: later
-        for size, at_ns in _RECORD.iter_unpack(data[:whole]):
-            if not self._sizes or size > self._sizes[-1]:
-                self._sizes.append(size)
-                self._times.append(at_ns)
-        self._read_to += whole
+            return False
+        try:
+            if not self._positioned:
+                self._next = _first_past(fd, offset)
+                self._positioned = True
+            data = os.pread(fd, _BLOCK * _RECORD.size, self._next * _RECORD.size)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        count = len(data) // _RECORD.size
+        last = self._points[-1][0] if self._points else -1
+        for size, at_ns in _RECORD.iter_unpack(data[: count * _RECORD.size]):
+            if size > last:  # sizes only grow; anything else is not a point
+                self._points.append((size, at_ns))
+                last = size
+        self._next += count
+        return count > 0
+
+
+def _first_past(fd: int, offset: int) -> int:
+    """The number of the first record of the index ``fd`` whose size is past ``offset``."""
+    lo, hi = 0, os.fstat(fd).st_size // _RECORD.size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        size = _RECORD.unpack(os.pread(fd, _RECORD.size, mid * _RECORD.size))[0]
+        if size <= offset:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
