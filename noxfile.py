@@ -93,6 +93,34 @@ def codegen(session: nox.Session) -> None:
     _generate(session, ROOT / PROTO_OUT)
 
 
+HELP_MODULE = "jobworker/cli/_help.py"
+HELP_HEADER = '''"""``jobworker --help`` as typer renders it at 80 columns, which
+``jobworker.cli.main`` prints without loading typer.
+
+Written by ``nox -s help`` from ``jobworker.cli.app.top_level_help``; a test in
+tests/test_cli_commands.py fails while the two differ. Do not edit.
+"""
+
+'''
+
+
+@nox.session(name="help", python="3.11")
+def help_text(session: nox.Session) -> None:
+    """Write jobworker/cli/_help.py again from the typer app."""
+    session.install("-e", ".", "ruff")
+    text = session.run(
+        "python",
+        "-c",
+        "from jobworker.cli.app import top_level_help; print(top_level_help(), end='')",
+        env={"TYPER_USE_RICH": "0"},
+        silent=True,
+    )
+    assert isinstance(text, str)
+    lines = "".join(f"    {line!r}\n" for line in text.splitlines(keepends=True))
+    (ROOT / HELP_MODULE).write_text(f"{HELP_HEADER}TEXT = (\n{lines})\n")
+    session.run("ruff", "format", HELP_MODULE)
+
+
 @nox.session(python="3.11")
 def proto(session: nox.Session) -> None:
     """Fail if the committed generated code differs from what protos/ generates."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import pytest
 from helpers import JOBWORKER, Served, free_port, serving
 
 from jobworker import __version__
+from jobworker.cli._help import TEXT
 
 
 @pytest.fixture
@@ -77,12 +79,41 @@ def test_client_commands_load_no_server_pki_or_pydantic_code(
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     report = done.stderr.decode().rpartition("LOADED ")[2].split()
-    assert "typer" in report, "the report was read"
+    assert "jobworker.cli" in report, "the report was read"
     assert [m for m in report if m.startswith(_NOT_FOR_CLIENTS)] == []
     if words[0] == "--help":
-        assert "grpclib.client" not in report, "help needs no gRPC client"
+        assert [m for m in report if m.startswith(("typer", "grpclib", "jobworker.client"))] == []
     else:
-        assert "jobworker.client.client" in report
+        assert "typer" in report and "jobworker.client.client" in report
+
+
+def test_the_top_level_help_is_typers_and_its_copy_is_current() -> None:
+    rendered = subprocess.run(
+        [JOBWORKER[0], "-c", "from jobworker.cli.app import top_level_help as h; print(h())"],
+        env={**os.environ, "TYPER_USE_RICH": "0"},
+        capture_output=True,
+        check=True,
+    ).stdout.decode()[:-1]
+    assert rendered == TEXT, "jobworker/cli/_help.py is out of date: run nox -s help"
+    assert "Commands:" in rendered and "  logs " in rendered
+    for option in ("--help", "-h"):
+        wide = subprocess.run(
+            [*JOBWORKER, option],
+            env={**os.environ, "COLUMNS": "80"},
+            capture_output=True,
+            check=False,
+        )
+        assert (wide.returncode, wide.stdout.decode()) == (0, TEXT)
+    # Narrower than click's 80 columns: typer wraps it, as it always did.
+    narrow = subprocess.run(
+        [*JOBWORKER, "--help"],
+        env={**os.environ, "COLUMNS": "60"},
+        capture_output=True,
+        check=False,
+    )
+    text = narrow.stdout.decode()
+    assert narrow.returncode == 0 and text != TEXT and "  logs " in text
+    assert max(len(line) for line in text.splitlines()) <= 58
 
 
 def test_logs_prints_what_is_there_and_the_tail(served: Served) -> None:

@@ -2,6 +2,7 @@
 
 This module stays cheap to import: :func:`main` is the console script, and for ``serve`` it
 takes over SIGTERM and SIGINT before the slow imports (see ``jobworker.server.signals``).
+``--version`` and the top-level ``--help`` load nothing else (``_help.py`` keeps the help).
 Help and usage errors are plain text without typer's rich formatting, the same with any
 rich release (and rich is not imported).
 """
@@ -33,12 +34,33 @@ def command_name(args: Sequence[str]) -> str | None:
     return None
 
 
+def _terminal_columns() -> int:
+    """The terminal's width as click measures it (``shutil.get_terminal_size``, without
+    loading shutil)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 def main() -> None:
     """The ``jobworker`` command."""
     if sys.argv[1:] == ["--version"]:  # without loading the CLI: scripts ask this often
         from jobworker import __version__  # noqa: PLC0415 - the package alone
 
         print(f"jobworker {__version__}")
+        return
+    if sys.argv[1:] in (["--help"], ["-h"]) and _terminal_columns() >= 80:
+        # As typer renders it at this width (a test keeps the copy true), without typer.
+        from jobworker.cli._help import TEXT  # noqa: PLC0415 - only here
+
+        sys.stdout.write(TEXT)
         return
     command = command_name(sys.argv[1:])
     if command == "serve":

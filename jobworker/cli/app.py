@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import anyio
 import typer
+from typer._click.core import Command as ClickCommand
 from typer._click.core import Context as ClickContext
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
@@ -1028,10 +1029,27 @@ def _server_tls(
     return pki.server_cert, pki.server_key, pki.client_ca
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Run the command line; a usage error is one ``error:`` line and exit code 2."""
+def _command() -> ClickCommand:
     command = typer.main.get_command(app)
     coerce.install(command, _HELP_OPTIONS)
+    return command
+
+
+def top_level_help() -> str:
+    """``jobworker --help`` as typer renders it on a terminal of 80 columns or more.
+
+    ``jobworker/cli/_help.py`` keeps a copy, which :func:`jobworker.cli.main` prints without
+    loading typer; ``nox -s help`` writes it again, and a test fails while it differs.
+    """
+    command = _command()
+    # Click wraps help at the terminal's width less 2, and at 78 columns at most.
+    with command.make_context("jobworker", [], resilient_parsing=True, terminal_width=78) as ctx:
+        return command.get_help(ctx) + "\n"
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the command line; a usage error is one ``error:`` line and exit code 2."""
+    command = _command()
     try:
         code = command.main(args, prog_name="jobworker", standalone_mode=False)
     except NoArgsIsHelpError as exc:
