@@ -13,7 +13,9 @@ resumes (``SEEK_DATA``).
 
 A reader asked for timestamps stamps each chunk with when its data had been written, from the
 log's time index (``times.py``): a chunk then ends at the index's next point, so that one time
-holds for all of it. Data the index does not reach yet was written by the time it is read.
+holds for all of it. Where the index does not reach yet, the reader has the job's recorder
+take a point at once (as the next inotify event would); if the recorder's rate does not
+allow one, the data was written by the time it is read.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class OutputStream:
         ended: Callable[[], bool],
         end_callbacks: set[Callable[[], object]],
         timestamps: bool = False,
+        note_time: Callable[[], None] | None = None,
     ) -> None:
         if offset < 0:
             raise InvalidOffset(f"offset must not be negative, not {offset}")
@@ -78,6 +81,7 @@ class OutputStream:
         self._watched: Watched | None = None
         self._fd = -1
         self._times = TimeIndex(path) if timestamps else None
+        self._note_time = note_time
 
     @property
     def offset(self) -> int:
@@ -169,6 +173,9 @@ class OutputStream:
             data = os.pread(self._fd, size, offset)
             return OutputChunk(offset, data) if data else None
         point = self._times.point_after(offset)
+        if point is None and not ended and self._note_time is not None:
+            self._note_time()  # its recorder takes a point now, if its rate allows
+            point = self._times.point_after(offset)
         if point is not None:
             size = min(size, point[0] - offset)
             at_ns: int | None = point[1]

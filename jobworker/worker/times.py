@@ -131,10 +131,11 @@ class TimeRecorder:
             self._timer = None
 
     def set(self) -> None:
-        """The log changed (called by the file watcher): a point now if a token is left,
-        else stop watching until the next one is due."""
-        if self._closed:
-            return
+        """The log changed (called by the file watcher, or by a reader that found output
+        the index does not reach yet): a point now if a token is left, else stop watching
+        until the next one is due."""
+        if self._closed or self._timer is not None:
+            return  # ended, or a point is due already
         now = time.time_ns()
         token_ns = _TOKEN_NS << (self._points // POINTS_PER_STEP)
         self._tokens = min(BURST, self._tokens + (now - self._filled_ns) / token_ns)

@@ -846,6 +846,7 @@ class Worker:
         """The job's output from ``offset``, following it live until the job ends; each
         chunk stamped with when it was written if ``timestamps``."""
         status = self._table.record(job_id)
+        recorder = self._recorders.get(status.id) if timestamps else None
         return OutputStream(
             self._log_path(status.id),
             offset,
@@ -854,4 +855,5 @@ class Worker:
             lambda: self._table.is_ended(status.id),
             self._table.end_callbacks(status.id),
             timestamps,
+            None if recorder is None else recorder.set,
         )
