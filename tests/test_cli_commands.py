@@ -72,7 +72,7 @@ def test_client_commands_load_no_server_pki_or_pydantic_code(
     args = [word.replace("{job}", job) for word in words]
     done = subprocess.run(
         [JOBWORKER[0], "-c", _REPORT_MODULES, *args],
-        env=served.env,
+        env={**served.env, "COLUMNS": "80"},  # --help: wide enough for the copy
         capture_output=True,
         timeout=60,
         check=False,
