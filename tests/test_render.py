@@ -8,10 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from jobworker.cli.render import (
+    LineStamper,
     duration_text,
     limits_text,
     local_time,
     signal_name,
+    stamp,
     status_json,
     status_lines,
     status_table,
@@ -123,3 +125,17 @@ def test_short_ids_grow_until_they_tell_the_jobs_apart() -> None:
     assert unique_prefix_length(ids) == 13, "two share 12 characters"
     assert unique_prefix_length(ids[1:]) == 8, "8 at least"
     assert unique_prefix_length([]) == 8
+
+
+def test_each_line_gets_the_time_of_the_chunk_it_begins_in() -> None:
+    first = datetime(2026, 11, 29, 16, 0, 0, 123000, tzinfo=UTC)
+    second = datetime(2026, 11, 29, 16, 0, 1, tzinfo=UTC)
+    stamper = LineStamper()
+    out = stamper(b"one\ntw", first) + stamper(b"o\n\nthree", second) + stamper(b"!", None)
+    a, b = stamp(first).decode(), stamp(second).decode()
+    unknown = stamp(None).decode()
+    assert out.decode().split("\n") == [f"{a}one", f"{a}two", f"{b}", f"{b}three!"]
+    assert len(unknown) == len(a) and unknown.strip() == "-", "no time: a dash, as wide"
+    assert a == first.astimezone().isoformat(timespec="milliseconds") + " "
+    assert stamper(b"", second) == b"", "nothing to stamp"
+    assert LineStamper()(b"x\n", None) == stamp(None) + b"x\n"

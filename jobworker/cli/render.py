@@ -15,7 +15,7 @@ from typing import Any
 
 from jobworker.models import LIMIT_OPTIONS, JobStatus, Limits, format_cpus, format_size
 
-__all__ = ["LineStamper", "status_json", "status_lines", "status_table"]
+__all__ = ["LineStamper", "stamp", "status_json", "status_lines", "status_table"]
 
 
 def _time(value: datetime | None) -> str | None:
