@@ -23,7 +23,6 @@ from helpers import log_files, read_all
 from jobworker.models import OutputChunk
 from jobworker.worker import JobSpec, JobState, Worker, WorkerConfig
 from jobworker.worker.config import OnExit
-from jobworker.worker.notify import FileWatcher
 from jobworker.worker.times import BURST, RATE, TimeIndex
 
 pytestmark = pytest.mark.anyio
@@ -201,36 +200,6 @@ async def test_the_index_reader_skips_a_record_being_written(tmp_path: Path) -> 
         f.write(struct.pack("<QQ", 9, 200)[10:])
     assert reader.point_after(5) == (9, 200), "read once whole"
     assert reader.point_after(9) is None
-
-
-async def test_a_waiter_may_leave_while_it_is_woken(tmp_path: Path) -> None:
-    path = tmp_path / "file"
-    path.write_bytes(b"")
-    woken: list[str] = []
-
-    class Leaver:
-        def set(self) -> None:
-            woken.append("leaver")
-            watcher.discard(watched, self)
-
-    class Stayer:
-        def set(self) -> None:
-            woken.append("stayer")
-
-    with anyio.fail_after(10):
-        async with FileWatcher() as watcher:
-            leaver, stayer = Leaver(), Stayer()
-            watched = watcher.add(path, leaver)
-            watcher.add(path, stayer)
-            with path.open("ab") as f:
-                f.write(b"x")
-            while len(woken) < 2:
-                await anyio.sleep(0.01)
-            with path.open("ab") as f:
-                f.write(b"y")
-            while woken.count("stayer") < 2:
-                await anyio.sleep(0.01)
-    assert woken.count("leaver") == 1, "woken once, then gone"
 
 
 async def test_a_reader_holds_a_few_points_of_a_long_index(tmp_path: Path) -> None:

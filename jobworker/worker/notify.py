@@ -19,17 +19,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Final, Protocol
 
 from asyncinotify import Inotify, Mask, Watch
 
 from jobworker.worker.flags import Flag
 
-__all__ = ["FileWatcher", "Waiter", "Watched"]
+__all__ = ["BATCH", "FileWatcher", "Waiter", "Watched"]
 
 log = logging.getLogger(__name__)
 
 _MASK = Mask.MODIFY | Mask.DELETE_SELF
+#: Events handled in one turn of the event loop; the rest wait for the next turn, so that
+#: files that change all the time cannot keep the loop from everything else.
+BATCH: Final = 256
 
 
 class Waiter(Protocol):
@@ -68,6 +71,7 @@ class FileWatcher:
             asyncio.get_running_loop().add_reader(self._inotify.fd, self._dispatch)
         except BaseException:
             self._inotify.close()
+            self._inotify = None
             raise
         return self
 
@@ -77,13 +81,14 @@ class FileWatcher:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._inotify is not None
+        inotify, self._inotify = self._inotify, None
+        assert inotify is not None
         try:
-            asyncio.get_running_loop().remove_reader(self._inotify.fd)
+            asyncio.get_running_loop().remove_reader(inotify.fd)
         finally:
-            self._inotify.close()
-            for watched in self._by_wd.values():
-                for waiter in watched.waiters:
+            inotify.close()
+            for watched in list(self._by_wd.values()):  # a waiter may leave as it is woken
+                for waiter in tuple(watched.waiters):
                     waiter.set()
             self._by_wd.clear()
 
@@ -129,11 +134,14 @@ class FileWatcher:
             self.discard(watched, waiter)
 
     def _dispatch(self) -> None:
-        """Wake the waiters of every file that changed, for all events queued now."""
-        assert self._inotify is not None
-        while True:
+        """Wake the waiters of every file that changed, for up to :data:`BATCH` events queued
+        now; if there may be more, go on in the loop's next turn."""
+        inotify = self._inotify
+        if inotify is None:
+            return  # closed while a turn was due
+        for _ in range(BATCH):
             try:
-                event = self._inotify.sync_get()  # the descriptor is non-blocking
+                event = inotify.sync_get()  # the descriptor is non-blocking
             except BlockingIOError:
                 return
             if event is None:
@@ -149,3 +157,7 @@ class FileWatcher:
             if Mask.IGNORED in event.mask and self._by_wd.get(watch.wd) is watched:
                 # The file is gone; the kernel dropped the watch. Waiters will find out.
                 del self._by_wd[watch.wd]
+        # More may be queued, some of them read already into asyncinotify's buffer, where
+        # the descriptor's readiness does not show them: the next turn goes on, after
+        # everything else that is ready now.
+        asyncio.get_running_loop().call_soon(self._dispatch)
