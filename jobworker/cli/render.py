@@ -123,7 +123,7 @@ def stamp(value: datetime | None) -> bytes:
     return value.astimezone().isoformat(timespec="milliseconds").encode() + b" "
 
 
-_NO_STAMP = b"-" + b" " * len(stamp(datetime(2000, 1, 1, tzinfo=UTC)).rstrip()[1:]) + b" "
+_NO_STAMP = b"-".ljust(len(stamp(datetime(2000, 1, 1, tzinfo=UTC))))
 
 
 class LineStamper:
