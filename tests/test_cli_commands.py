@@ -36,7 +36,6 @@ _NOT_FOR_CLIENTS = (
     "jobworker.worker",
     "jobworker.certs",
     "cryptography",
-    "asyncinotify",
     "pydantic",
 )
 

@@ -332,7 +332,7 @@ def test_the_client_loads_no_server_worker_cgroup_or_pki_code() -> None:
         "from jobworker.client import Client\n"
         "assert 'jobworker.client.client' in sys.modules\n"
         "bad = [m for m in sys.modules if m.startswith(('jobworker.server', 'jobworker.worker',"
-        " 'jobworker.certs', 'jobworker.auth', 'cryptography', 'asyncinotify'))]\n"
+        " 'jobworker.certs', 'jobworker.auth', 'cryptography'))]\n"
         "print(bad)"
     )
     out = subprocess.run(

@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from jobworker.worker.flags import Flag
 from jobworker.worker.notify import BATCH, FileWatcher
 
 pytestmark = pytest.mark.anyio
@@ -90,3 +91,53 @@ async def test_a_waiter_may_leave_as_the_watcher_closes(tmp_path: Path) -> None:
         leaver = Leaver()
         watched = watcher.add(path, leaver)
     assert left == ["woken"] and watcher.watch_count == 0
+
+
+async def test_events_lost_to_a_full_queue_wake_every_waiter(tmp_path: Path) -> None:
+    # More events than the kernel queues for one instance, all before the loop reads any:
+    # the kernel drops the rest and queues IN_Q_OVERFLOW instead, which names no watch. A
+    # waiter whose file changed only after the queue was full would otherwise sleep on.
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    busy = [tmp_path / "a", tmp_path / "b"]
+    quiet = tmp_path / "quiet"
+    woken = Flag()
+    with anyio.fail_after(30):
+        async with FileWatcher() as watcher:
+            for path in busy:
+                path.write_bytes(b"")
+                watcher.add(path, Flag())
+            quiet.write_bytes(b"")
+            watcher.add(quiet, woken)
+            with busy[0].open("ab") as a, busy[1].open("ab") as b:
+                for _ in range(limit // 2 + 1):
+                    a.write(b"x")
+                    a.flush()
+                    b.write(b"y")
+                    b.flush()
+            with quiet.open("ab") as f:
+                f.write(b"z")  # its event is lost: the queue is full
+            await woken.wait()
+            assert watcher.watch_count == 3, "the overflow dropped no watch"
+
+
+async def test_a_file_that_cannot_be_watched_raises_and_adds_nothing(tmp_path: Path) -> None:
+    async with FileWatcher() as watcher:
+        with pytest.raises(FileNotFoundError) as raised:
+            watcher.add(tmp_path / "missing", Flag())
+        assert raised.value.filename == tmp_path / "missing"
+        assert watcher.watch_count == 0
+
+
+async def test_a_removed_file_wakes_its_waiters_and_its_watch_goes(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_bytes(b"")
+    woken = Flag()
+    with anyio.fail_after(10):
+        async with FileWatcher() as watcher:
+            watched = watcher.add(path, woken)
+            path.unlink()
+            await woken.wait()
+            while watcher.watch_count:  # IN_IGNORED follows IN_DELETE_SELF
+                await anyio.sleep(0.01)
+            watcher.discard(watched, woken)  # the watch is gone already: nothing to remove
+            assert watcher.watch_count == 0

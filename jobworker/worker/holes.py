@@ -16,13 +16,13 @@ and zeros must never be served as output.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from pathlib import Path
 from typing import Final
 
 from jobworker.models import MAX_OUTPUT_RANGE
+from jobworker.worker.libc import checked, libc
 
 __all__ = [
     "ALIGN",
@@ -40,8 +40,7 @@ _FALLOC_FL_PUNCH_HOLE: Final = 0x02
 ALIGN: Final = 64 * 1024
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_fallocate = _libc.fallocate
+_fallocate = libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _fallocate.restype = ctypes.c_int
 
@@ -52,9 +51,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     hole punching)."""
     if length <= 0:
         return
-    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    checked(_fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length))
 
 
 def next_data(fd: int, offset: int) -> int | None:
