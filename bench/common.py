@@ -35,14 +35,15 @@ class Mode:
     throughput_mib: int  # size of the output that is streamed
     repeats: int  # single-stream throughput runs; the median is reported
     clients: int  # concurrent clients streaming one finished job
-    follow_lines: int  # timestamped lines, one every 10 ms
+    follow_lines: int  # timestamped lines, one every 10 ms, per round
+    follow_rounds: int  # rounds of jobworker, baseline and grpcio, in turn
     scale_jobs: int  # concurrent sleeping jobs, and as many followers
     idle_seconds: float  # window for the idle followers' CPU use
     cli_runs: int  # runs of each CLI command (and as many of the bare interpreter)
 
 
-QUICK = Mode("quick", 500, 32, 3, 16, 300, 200, 5.0, 10)
-FULL = Mode("full", 1000, 256, 3, 16, 1000, 10_000, 10.0, 40)
+QUICK = Mode("quick", 500, 32, 3, 16, 300, 1, 200, 5.0, 10)
+FULL = Mode("full", 1000, 256, 3, 16, 1000, 3, 10_000, 10.0, 40)
 
 
 def _job_python() -> str:
