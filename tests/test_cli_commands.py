@@ -86,6 +86,51 @@ def test_client_commands_load_no_server_pki_or_pydantic_code(
         assert "typer" in report and "jobworker.client.client" in report
 
 
+# Runs the CLI with the given words and says on stderr whether it set the C allocator.
+_REPORT_MALLOC = """
+import sys
+import jobworker.malloc
+tune = jobworker.malloc.tune_malloc
+def reporting():
+    applied = tune()
+    print("TUNED", applied, file=sys.stderr)
+    return applied
+jobworker.malloc.tune_malloc = reporting
+sys.argv = ["jobworker", *sys.argv[1:]]
+from jobworker.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("words", "streams"),
+    [
+        (("logs", "{job}"), True),
+        (("logs", "--tail", "1", "{job}"), True),
+        (("stream", "{job}"), True),
+        (("run", "--", "echo", "hi"), True),
+        (("status", "{job}"), False),
+        (("list", "-q"), False),
+    ],
+)
+def test_the_commands_that_stream_output_set_the_c_allocator_for_it(
+    served: Served, words: tuple[str, ...], streams: bool
+) -> None:
+    job = served.start("echo", "hello")
+    args = [word.replace("{job}", job) for word in words]
+    env = {k: v for k, v in served.env.items() if k != "GLIBC_TUNABLES" and "MALLOC_" not in k}
+    done = subprocess.run(
+        [JOBWORKER[0], "-c", _REPORT_MALLOC, *args],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    tuned = [line for line in done.stderr.decode().splitlines() if line.startswith("TUNED")]
+    assert tuned == (["TUNED True"] if streams else []), done.stderr.decode()[-2000:]
+
+
 def test_the_top_level_help_is_typers_and_its_copy_is_current() -> None:
     rendered = subprocess.run(
         [JOBWORKER[0], "-c", "from jobworker.cli.app import top_level_help as h; print(h())"],

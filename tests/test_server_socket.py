@@ -64,7 +64,7 @@ def test_tune_malloc_applies_unless_the_administrator_tuned_it() -> None:
     import sys
 
     def tune_malloc_in_a_child(env: dict[str, str]) -> str:
-        code = "from jobworker.server.tuning import tune_malloc; print(tune_malloc())"
+        code = "from jobworker.malloc import tune_malloc; print(tune_malloc())"
         child = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
         )

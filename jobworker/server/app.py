@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 from jobworker.auth import install_auth
 from jobworker.errors import ConfigError
+from jobworker.malloc import tune_malloc
 from jobworker.server import capacity, lean
 from jobworker.server.codec import ServerCodec
 from jobworker.server.connections import ConnectionGuard
@@ -47,7 +48,7 @@ from jobworker.server.receive import install_receive_limits
 from jobworker.server.service import WorkerService
 from jobworker.server.signals import STOP_SIGNALS, held_stop_signal
 from jobworker.server.tls import server_ssl_context
-from jobworker.server.tuning import raise_open_file_limit, shrink_tls_read_buffers, tune_malloc
+from jobworker.server.tuning import raise_open_file_limit, shrink_tls_read_buffers
 from jobworker.worker import Worker, WorkerConfig
 from jobworker.worker.config import OnExit
 from jobworker.worker.reaper import set_child_subreaper

@@ -1,5 +1,5 @@
-"""Process-wide settings for a long-running server: descriptors, the C allocator and TLS
-read buffers.
+"""Process-wide settings for a long-running server: descriptors and TLS read buffers (the
+C allocator's are in :mod:`jobworker.malloc`, shared with the CLI).
 
 All are applied by :func:`jobworker.server.app.serve`, which owns its process; a program
 that embeds :class:`~jobworker.server.app.JobworkerServer` decides for itself.
@@ -7,23 +7,15 @@ that embeds :class:`~jobworker.server.app.JobworkerServer` decides for itself.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import resource
 from asyncio import sslproto
 from typing import Final
 
-__all__ = ["raise_open_file_limit", "shrink_tls_read_buffers", "tune_malloc"]
+__all__ = ["raise_open_file_limit", "shrink_tls_read_buffers"]
 
 log = logging.getLogger(__name__)
 
-# glibc's <malloc.h>
-_M_TRIM_THRESHOLD: Final = -1
-_M_MMAP_THRESHOLD: Final = -3
-
-MMAP_THRESHOLD: Final = 4 * 1024 * 1024
-TRIM_THRESHOLD: Final = 32 * 1024 * 1024
 TLS_READ_BUFFER: Final = 32 * 1024
 
 
@@ -45,32 +37,6 @@ def raise_open_file_limit() -> int:
         log.info("raised the open-file limit from %d to %d", soft, target)
         return target
     return soft
-
-
-def tune_malloc() -> bool:
-    """Serve output buffers from the heap, not from a fresh mmap each; True if applied.
-
-    Streaming output allocates and frees buffers of a chunk's size and more (the read, the
-    message, the frame, the TLS record) for every chunk. glibc's allocator maps blocks above
-    its dynamic threshold (128 KiB at first) afresh and returns a heap top above twice that
-    to the kernel, so after a while every 256 KiB chunk cost page faults and zeroing: the
-    server's CPU per MiB streamed doubled. Fixed thresholds (mmap above 4 MiB, trim above
-    32 MiB) keep those buffers in the heap. Skipped where the administrator tunes malloc
-    (``GLIBC_TUNABLES``, ``MALLOC_*_``) and where the C library is not glibc.
-    """
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc." in tunables or any(n.startswith("MALLOC_") for n in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # glibc returns 1 on success; musl has a mallopt that does nothing and returns 0.
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
 
 
 def shrink_tls_read_buffers() -> bool:
