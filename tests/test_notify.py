@@ -93,7 +93,9 @@ async def test_a_waiter_may_leave_as_the_watcher_closes(tmp_path: Path) -> None:
     assert left == ["woken"] and watcher.watch_count == 0
 
 
-async def test_events_lost_to_a_full_queue_wake_every_waiter(tmp_path: Path) -> None:
+async def test_events_lost_to_a_full_queue_wake_every_waiter(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # More events than the kernel queues for one instance, all before the loop reads any:
     # the kernel drops the rest and queues IN_Q_OVERFLOW instead, which names no watch. A
     # waiter whose file changed only after the queue was full would otherwise sleep on.
@@ -118,6 +120,9 @@ async def test_events_lost_to_a_full_queue_wake_every_waiter(tmp_path: Path) -> 
                 f.write(b"z")  # its event is lost: the queue is full
             await woken.wait()
             assert watcher.watch_count == 3, "the overflow dropped no watch"
+    warnings = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    assert len(warnings) == 1, "the overflow is logged"
+    assert "fs.inotify.max_queued_events" in warnings[0]
 
 
 async def test_a_file_that_cannot_be_watched_raises_and_adds_nothing(tmp_path: Path) -> None:
@@ -125,6 +130,8 @@ async def test_a_file_that_cannot_be_watched_raises_and_adds_nothing(tmp_path: P
         with pytest.raises(FileNotFoundError) as raised:
             watcher.add(tmp_path / "missing", Flag())
         assert raised.value.filename == tmp_path / "missing"
+        with pytest.raises(ValueError, match="null byte"):
+            watcher.add(tmp_path / "a\0b", Flag())  # C would watch "a" instead
         assert watcher.watch_count == 0
 
 

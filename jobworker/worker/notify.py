@@ -10,9 +10,9 @@ a change that happens between the read and the wait then still wakes it.
 
 The watcher calls inotify through libc and reads its events itself, in the event loop's
 reader callback: an event is a 16-byte record that names a watch, and all the watcher needs
-from it is which waiters to wake. (asyncinotify, which it used before, builds an object and
-a flag enum per event; reading them directly costs a follower's line about a tenth of its
-delay, see docs/performance.md.)
+from it is which waiters to wake. (asyncinotify, which it used before, built an event
+object, a flag enum and a weak reference for each, on the path of every line a follower
+receives: docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import ctypes
 import logging
 import os
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -43,6 +44,9 @@ _IN_IGNORED: Final = 0x8000
 _MASK: Final = _IN_MODIFY | _IN_DELETE_SELF
 _EVENT: Final = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
 _LONGEST_EVENT: Final = _EVENT.size + 256  # with a name of NAME_MAX bytes and its NUL
+
+# At most one warning this often while the kernel's event queue keeps overflowing.
+_OVERFLOW_LOG_EVERY: Final = 60.0
 
 #: Events handled in one turn of the event loop; the rest wait for the next turn, so that
 #: files that change all the time cannot keep the loop from everything else.
@@ -85,6 +89,8 @@ class FileWatcher:
     def __init__(self) -> None:
         self._fd = -1
         self._by_wd: dict[int, Watched] = {}
+        self._overflows = 0
+        self._overflow_logged = -_OVERFLOW_LOG_EVERY
 
     async def __aenter__(self) -> FileWatcher:
         fd = checked(_inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
@@ -126,7 +132,10 @@ class FileWatcher:
         """
         if self._fd < 0:
             raise RuntimeError("FileWatcher is not running")
-        wd = checked(_inotify_add_watch(self._fd, os.fsencode(path), _MASK), path)
+        encoded = os.fsencode(path)
+        if b"\0" in encoded:
+            raise ValueError(f"embedded null byte in the path {path!r}")
+        wd = checked(_inotify_add_watch(self._fd, encoded, _MASK), path)
         watched = self._by_wd.get(wd)
         if watched is None:
             watched = self._by_wd[wd] = Watched(wd)
@@ -171,8 +180,7 @@ class FileWatcher:
             if mask & _IN_Q_OVERFLOW:
                 # The kernel's queue was full and events were lost: wake everyone, and
                 # each waiter looks at its file again.
-                log.warning("inotify's event queue overflowed; waking every waiter")
-                self._wake_all()
+                self._overflowed()
                 continue
             watched = by_wd.get(wd)
             if watched is None:
@@ -186,6 +194,20 @@ class FileWatcher:
             # The read may have stopped for want of room: look again in the next turn,
             # after everything else that is ready now.
             asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _overflowed(self) -> None:
+        self._overflows += 1
+        now = time.monotonic()
+        if now - self._overflow_logged >= _OVERFLOW_LOG_EVERY:
+            log.warning(
+                "inotify's event queue overflowed (%d times since the last warning): the "
+                "server fell behind files that change very often; every waiter was woken to "
+                "look again. Raising fs.inotify.max_queued_events gives it more room",
+                self._overflows,
+            )
+            self._overflows = 0
+            self._overflow_logged = now
+        self._wake_all()
 
     def _wake_all(self) -> None:
         for watched in list(self._by_wd.values()):  # a waiter may leave as it is woken
