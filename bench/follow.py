@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from asyncinotify import Inotify, Mask
@@ -91,11 +92,15 @@ async def measure(ctx: Context, out: Section) -> None:
     # checkout may live.
     args = ["-I", "-c", TICKER_SOURCE, str(count), str(PERIOD), str(DELAY)]
     timeout = DELAY + count * PERIOD * 3 + 10
-    jobworker: list[float] = []
-    baseline: list[float] = []
-    grpcio: list[float] = []
-    cpu = {"server": 0.0, "client": 0.0, "peer": 0.0, "peer_client": 0.0}
-    round_p99: dict[str, list[float]] = {"jobworker": [], "baseline": [], "grpcio": []}
+    delays: dict[str, list[float]] = {"jobworker": [], "baseline": [], "grpcio": []}
+    round_p99: dict[str, list[float]] = {name: [] for name in delays}
+    server_cpu = {"jobworker": 0.0, "grpcio": 0.0}  # % of a core, averaged over the rounds
+    client_cpu = {"jobworker": 0.0, "grpcio": 0.0}
+
+    def record(name: str, values: list[float]) -> None:
+        delays[name].extend(values)
+        round_p99[name].append(percentile(values, 99))
+
     async with (
         ctx.server("follow") as server,
         ctx.peer("follow") as peer,
@@ -103,35 +108,28 @@ async def measure(ctx: Context, out: Section) -> None:
         peer.client() as peer_client,
     ):
 
-        async def follow_jobworker() -> None:
-            delays, server_cpu, client_cpu = await _follow_job(
-                client, server.pid, ctx.job_python, args, count, timeout
+        async def follow_server(name: str, follower: Client, pid: int) -> None:
+            values, server_percent, client_percent = await _follow_job(
+                follower, pid, ctx.job_python, args, count, timeout
             )
-            jobworker.extend(delays)
-            round_p99["jobworker"].append(percentile(delays, 99))
-            cpu["server"] += server_cpu / rounds
-            cpu["client"] += client_cpu / rounds
+            record(name, values)
+            server_cpu[name] += server_percent / rounds
+            client_cpu[name] += client_percent / rounds
 
         async def follow_baseline() -> None:
             job = await client.start(ctx.job_python, args)
             async with asyncio.timeout(timeout):
-                delays = await _follow_file(server.log_file(job.id), count)
-            baseline.extend(delays)
-            round_p99["baseline"].append(percentile(delays, 99))
+                record("baseline", await _follow_file(server.log_file(job.id), count))
 
-        async def follow_grpcio() -> None:
-            delays, peer_cpu, peer_client_cpu = await _follow_job(
-                peer_client, peer.pid, ctx.job_python, args, count, timeout
-            )
-            grpcio.extend(delays)
-            round_p99["grpcio"].append(percentile(delays, 99))
-            cpu["peer"] += peer_cpu / rounds
-            cpu["peer_client"] += peer_client_cpu / rounds
-
-        turns = [follow_jobworker, follow_baseline, follow_grpcio]
+        turns: list[Callable[[], Awaitable[None]]] = [
+            lambda: follow_server("jobworker", client, server.pid),
+            follow_baseline,
+            lambda: follow_server("grpcio", peer_client, peer.pid),
+        ]
         for r in range(rounds):
             for turn in turns[r % 3 :] + turns[: r % 3]:
                 await turn()
+    jobworker, baseline, grpcio = delays["jobworker"], delays["baseline"], delays["grpcio"]
     base = "inotify + read, in process"
     per_round = "; ".join(
         f"{name} " + " ".join(f"{v:.2f}" for v in values) for name, values in round_p99.items()
@@ -151,11 +149,12 @@ async def measure(ctx: Context, out: Section) -> None:
     out.add("follow delay max", max(jobworker), "ms", max(baseline), base, grpcio=max(grpcio))
     out.add(
         "CPU while following",
-        cpu["server"],
+        server_cpu["jobworker"],
         "%",
-        note=f"server; client {cpu['client']:.1f}% (grpcio: {cpu['peer_client']:.1f}%); "
+        note=f"server; client {client_cpu['jobworker']:.1f}% "
+        f"(grpcio: {client_cpu['grpcio']:.1f}%); "
         f"one 20-byte line per 10 ms; {rounds} x {count} lines",
-        grpcio=cpu["peer"],
+        grpcio=server_cpu["grpcio"],
     )
     out.data = {
         "lines": count,
