@@ -1,15 +1,16 @@
 """The C library, for the system calls that :mod:`os` does not offer (``fallocate``,
-``inotify``)."""
+``inotify``, ``prctl``)."""
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 __all__ = ["checked", "libc"]
 
-libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library the interpreter already links, found among the process's own symbols:
+# ctypes.util.find_library would run ldconfig in a child process to name it.
+libc = ctypes.CDLL(None, use_errno=True)
 
 
 def checked(result: int, filename: str | bytes | os.PathLike[str] | None = None) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from typing import Final
 
 from jobworker.errors import ConfigError
+from jobworker.worker.libc import checked, libc
 
 __all__ = ["OrphanReaper", "is_child_subreaper", "set_child_subreaper"]
 
@@ -46,11 +46,8 @@ PR_GET_CHILD_SUBREAPER: Final = 37
 
 
 def _prctl(option: int, arg: ctypes.c_ulong | ctypes._CArgObject) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     zero = ctypes.c_ulong(0)
-    if libc.prctl(ctypes.c_int(option), arg, zero, zero, zero) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    checked(libc.prctl(ctypes.c_int(option), arg, zero, zero, zero))
 
 
 def set_child_subreaper(enabled: bool = True) -> None:
